@@ -1,0 +1,1 @@
+"""Adapters: ports implemented on concrete technologies (Redis, OpenAI-compatible HTTP)."""

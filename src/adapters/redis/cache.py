@@ -1,0 +1,502 @@
+"""``RedisCacheManager``: the SPEC-A cache on Redis Lists/Strings, fail-soft and fast to fail.
+
+Storage layout (``P`` is the optional key prefix for a shared Redis):
+
+* ``P<key>`` - the fragment: a Redis List of byte chunks (``static:*``, ``tts:*``), or a String
+  (``summary:session:*``).
+* ``P voxcore:meta:<key>`` - a Hash with the fragment's audio format and size, written in the same
+  MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
+* ``P voxcore:prev:<key>`` - the previous version of an overwritten list, kept for a short grace
+  period so that a streaming reader that started on it can finish on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as redis
+from redis import exceptions as redis_exc
+
+from voxcore.adapters.redis.config import RedisConfig
+from voxcore.core.domain import keys
+from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat, WavAudio, parse_wav, plan_chunks, split_pcm
+from voxcore.core.domain.errors import DomainError
+from voxcore.core.domain.resilience import CircuitBreaker
+from voxcore.core.ports.cache import AbstractAudioCache, AudioChunkStream
+from voxcore.events import emit
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Largest WAV file ``load_and_set_audio`` reads (MAX_CHUNKS of 20 ms stereo 48 kHz 32-bit is ~150 MB).
+MAX_WAV_BYTES: Final = 256 * 1024 * 1024
+_META = "voxcore:meta:"
+_PREV = "voxcore:prev:"
+# Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
+# (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
+_CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
+_AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
+
+
+class _Failed:
+    """Marker for a call that failed softly (its error is already logged)."""
+
+    __slots__ = ()
+
+
+FAILED: Final = _Failed()
+
+
+class RedisCacheManager(AbstractAudioCache):
+    """The project's cache on Redis (SPEC-A/SPEC-C), one instance per process.
+
+    One instance per process is guaranteed by the container (``providers.Singleton``), not by
+    ``__new__``: tests and tools may still build separate instances for separate servers.
+
+    Every operation is soft: a Redis failure logs one ``redis_error`` event ``{op, key, error}``
+    and returns ``False``/``None``. After a connection-level failure a circuit breaker answers
+    further calls at once (no socket timeout per call) and lets one trial call through per window,
+    so the cache recovers by itself when Redis comes back.
+
+    Args:
+        config: Where Redis is and how the client behaves.
+        key_prefix: Prepended to every key (for a Redis shared with other applications).
+        tts_ttl_seconds: Expiry of ``tts:*`` fragments; ``static:*`` never expire.
+        stream_first_batch: Chunks fetched by the first command of a streaming read.
+        prev_grace_seconds: How long an overwritten fragment stays readable for open streams.
+        breaker: Fast-fail policy; a default one is made when omitted.
+        clock: Monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        *,
+        key_prefix: str = "",
+        tts_ttl_seconds: int = 7 * 24 * 3600,
+        stream_first_batch: int = 4,
+        prev_grace_seconds: int = 30,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if tts_ttl_seconds <= 0:
+            raise ValueError(f"tts_ttl_seconds must be positive, got {tts_ttl_seconds}")
+        if stream_first_batch < 1:
+            raise ValueError(f"stream_first_batch must be at least 1, got {stream_first_batch}")
+        if prev_grace_seconds <= 0:
+            raise ValueError(f"prev_grace_seconds must be positive, got {prev_grace_seconds}")
+        self._config = config
+        self._prefix = key_prefix
+        self._tts_ttl_ms = tts_ttl_seconds * 1000
+        self._first_batch = stream_first_batch
+        self._prev_grace_ms = prev_grace_seconds * 1000
+        self._breaker = breaker or CircuitBreaker()
+        self._clock = clock
+        self._redis: redis.Redis | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> RedisConfig:
+        """The Redis settings this cache was built with."""
+        return self._config
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix prepended to every key."""
+        return self._prefix
+
+    async def connect(self) -> None:
+        """Create the client and PING once; a failure is logged, not raised (the cache stays soft).
+
+        Calling it again while connected does nothing.
+        """
+        if self._redis is not None:
+            return
+        self._redis = self._config.build()
+        started = time.perf_counter()
+        if await self.ping():
+            emit(
+                log,
+                "redis_connected",
+                target=self._config.describe(),
+                latency_ms=_ms_since(started),
+            )
+
+    async def close(self) -> None:
+        """Cancel open stream prefetches, close the client and its pool; safe to call twice."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        client, self._redis = self._redis, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (redis_exc.RedisError, OSError) as exc:
+                self._log_error("close", "", exc)
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING now (goes through the breaker like any call)."""
+        result = await self._run("ping", "", lambda r: r.ping())
+        return result is not FAILED and bool(result)
+
+    # -- audio ----------------------------------------------------------------------------------
+
+    async def set_audio_chunks(self, key: str, audio_chunks: list[bytes]) -> bool:
+        """Replace the fragment at ``key`` atomically; its stored format becomes unknown.
+
+        One MULTI/EXEC runs DEL + RPUSH (+ PEXPIRE for ``tts:*``); readers see the whole old or
+        the whole new list. An empty list deletes the key. Over ``MAX_CHUNKS`` the tail is dropped
+        (logged). Wrong types are refused with a logged error and nothing is written.
+        """
+        return await self._write_audio("set_audio_chunks", key, audio_chunks, None)
+
+    async def set_audio_fragment(self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat) -> bool:
+        """Like :meth:`set_audio_chunks`, and store ``audio_format`` in the same transaction."""
+        if not isinstance(audio_format, AudioFormat):
+            return self._refuse("set_audio_fragment", key, "audio_format must be an AudioFormat")
+        return await self._write_audio("set_audio_fragment", key, audio_chunks, audio_format)
+
+    async def get_audio_chunks(self, key: str) -> list[bytes] | None:
+        """The whole fragment (``LRANGE 0 -1``), or ``None`` when missing or on a soft failure."""
+        if not _valid_key(key):
+            return self._refuse_none("get_audio_chunks", key, "key must be a non-empty string")
+        started = time.perf_counter()
+        chunks = await self._run("get_audio_chunks", key, lambda r: r.lrange(self._prefix + key, 0, -1))
+        if chunks is FAILED:
+            return None
+        if not chunks:
+            emit(log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0)
+            return None
+        emit(
+            log, "get_audio_chunks_hit", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=len(chunks)
+        )
+        return chunks  # type: ignore[no-any-return]
+
+    async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
+        """Start a streaming read: the first command fetches only the first few chunks.
+
+        The rest is fetched in the background at once, in one MULTI/EXEC that also re-reads the
+        head, so the stream can check it is still reading the version it started on (see
+        :class:`RedisAudioStream`). Returns ``None`` on a miss or soft failure.
+        """
+        if not _valid_key(key):
+            return self._refuse_none("open_audio_stream", key, "key must be a non-empty string")
+        started = time.perf_counter()
+        head = await self._run(
+            "open_audio_stream", key, lambda r: r.lrange(self._prefix + key, 0, self._first_batch - 1)
+        )
+        if head is FAILED:
+            return None
+        if not head:
+            emit(log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0)
+            return None
+        rest: asyncio.Task[tuple[list[bytes], list[bytes]] | None] | None = None
+        if len(head) == self._first_batch:  # a shorter head is already the whole list
+            rest = self._spawn(self._read_rest(key, self._prefix + key, len(head)))
+        return RedisAudioStream(self, key, head, rest)
+
+    async def get_audio_format(self, key: str) -> AudioFormat | None:
+        """The format stored with the fragment, or ``None`` (unknown format, missing key, failure)."""
+        if not _valid_key(key):
+            return self._refuse_none("get_audio_format", key, "key must be a non-empty string")
+        fields = await self._run("get_audio_format", key, lambda r: r.hgetall(self._prefix + _META + key))
+        if fields is FAILED or not fields:
+            return None
+        try:
+            return AudioFormat.from_fields({k.decode(): v.decode() for k, v in fields.items()})
+        except (DomainError, UnicodeDecodeError) as exc:
+            self._log_error("get_audio_format", key, exc)
+            return None
+
+    async def load_and_set_audio(self, key: str, wav_filepath: str, chunk_size_ms: int = 20) -> bool:
+        """Read a PCM WAV file off the event loop, cut it into ``chunk_size_ms`` chunks and store it.
+
+        The file's format is stored with the fragment. A missing, unreadable, truncated, non-PCM or
+        non-WAV file logs ``load_audio_failed`` with the reason and returns False; the existing key
+        is left untouched.
+        """
+        if not _valid_key(key):
+            return self._refuse("load_and_set_audio", key, "key must be a non-empty string")
+        try:
+            wav, chunks = await asyncio.to_thread(_read_and_cut, wav_filepath, chunk_size_ms)
+        except (OSError, DomainError, TypeError) as exc:
+            emit(log, "load_audio_failed", logging.ERROR, key=key, path=str(wav_filepath), reason=str(exc))
+            return False
+        fmt = wav.format
+        emit(
+            log,
+            "wav_read",
+            key=key,
+            path=str(wav_filepath),
+            nchannels=fmt.channels,
+            sampwidth=fmt.sample_width,
+            framerate=fmt.sample_rate,
+            nframes=wav.nframes,
+            duration_ms=round(wav.duration_ms, 3),
+        )
+        ok = await self._write_audio("load_and_set_audio", key, chunks, fmt)
+        emit(
+            log,
+            "warmup_done",
+            level=logging.INFO if ok else logging.ERROR,
+            key=key,
+            ok=ok,
+            chunks=min(len(chunks), MAX_CHUNKS),
+            sample_rate=fmt.sample_rate,
+            nchannels=fmt.channels,
+            sampwidth=fmt.sample_width,
+            duration_ms=round(wav.duration_ms, 3),
+            total_bytes=len(wav.pcm),
+        )
+        return ok
+
+    # -- text -----------------------------------------------------------------------------------
+
+    async def set_text(self, key: str, text: str, ttl_seconds: int) -> bool:
+        """``SETEX key ttl_seconds text``; refuses (False, logged) a non-str text or a TTL <= 0.
+
+        Audio keys (``static:*``, ``tts:*``) are refused too: a string there would destroy a fragment.
+        """
+        if not _valid_key(key):
+            return self._refuse("set_text", key, "key must be a non-empty string")
+        if not isinstance(text, str):
+            return self._refuse("set_text", key, f"text must be str, got {type(text).__name__}")
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+            return self._refuse("set_text", key, f"ttl_seconds must be a positive int, got {ttl_seconds!r}")
+        if keys.is_static(key) or keys.is_tts(key):
+            return self._refuse("set_text", key, "audio keys (static:*, tts:*) cannot hold text")
+        result = await self._run(
+            "set_text", key, lambda r: r.setex(self._prefix + key, ttl_seconds, text.encode("utf-8"))
+        )
+        return result is not FAILED
+
+    async def get_text(self, key: str) -> str | None:
+        """The UTF-8 text at ``key``, or ``None`` (missing, expired, not UTF-8, or a soft failure)."""
+        if not _valid_key(key):
+            return self._refuse_none("get_text", key, "key must be a non-empty string")
+        raw = await self._run("get_text", key, lambda r: r.get(self._prefix + key))
+        if raw is FAILED or raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")  # type: ignore[no-any-return]
+        except UnicodeDecodeError as exc:
+            self._log_error("get_text", key, exc)
+            return None
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _write_audio(
+        self, op: str, key: str, audio_chunks: Sequence[bytes], audio_format: AudioFormat | None
+    ) -> bool:
+        if not _valid_key(key):
+            return self._refuse(op, key, "key must be a non-empty string")
+        if keys.is_summary(key):
+            return self._refuse(op, key, "summary keys hold text, not audio")
+        if not isinstance(audio_chunks, list | tuple):
+            return self._refuse(op, key, f"audio_chunks must be a list of bytes, got {type(audio_chunks).__name__}")
+        for index, chunk in enumerate(audio_chunks):
+            if not isinstance(chunk, _AUDIO_TYPES):
+                return self._refuse(op, key, f"chunk {index} is {type(chunk).__name__}, not bytes")
+        if len(audio_chunks) > MAX_CHUNKS:
+            emit(
+                log, "audio_chunks_truncated", logging.WARNING, key=key, chunks=len(audio_chunks), kept=MAX_CHUNKS
+            )
+            audio_chunks = audio_chunks[:MAX_CHUNKS]
+        started = time.perf_counter()
+        full, meta, prev = self._prefix + key, self._prefix + _META + key, self._prefix + _PREV + key
+        ttl_ms = self._tts_ttl_ms if keys.is_tts(key) else None
+
+        async def transaction(r: redis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            # Keep the version being replaced readable for streams opened on it. RENAME fails on a
+            # missing key; inside MULTI that error is just the first reply and aborts nothing.
+            pipe.rename(full, prev)
+            pipe.pexpire(prev, self._prev_grace_ms)
+            pipe.delete(full, meta)
+            if audio_chunks:
+                pipe.rpush(full, *audio_chunks)
+                if audio_format is not None:
+                    pipe.hset(meta, mapping={**audio_format.to_fields(), "chunks": str(len(audio_chunks))})
+                if ttl_ms is not None:
+                    pipe.pexpire(full, ttl_ms)
+                    if audio_format is not None:
+                        pipe.pexpire(meta, ttl_ms)
+            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+        replies = await self._run(op, key, transaction)
+        if replies is FAILED:
+            return False
+        errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
+        if errors:
+            self._log_error(op, key, errors[0])
+            return False
+        emit(
+            log,
+            "set_audio_chunks_ok",
+            key=key,
+            chunks=len(audio_chunks),
+            bytes=sum(len(c) for c in audio_chunks),
+            ttl_ms=ttl_ms,
+            latency_ms=_ms_since(started),
+        )
+        return True
+
+    async def _read_rest(self, key: str, full_key: str, head_len: int) -> tuple[list[bytes], list[bytes]] | None:
+        """One snapshot of a list: its first ``head_len`` chunks and everything after them."""
+
+        async def snapshot(r: redis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            pipe.lrange(full_key, 0, head_len - 1)
+            pipe.lrange(full_key, head_len, -1)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        result = await self._run("open_audio_stream", key, snapshot)
+        if result is FAILED:
+            return None
+        return result[0], result[1]
+
+    def _read_previous(self, key: str, head_len: int) -> Awaitable[tuple[list[bytes], list[bytes]] | None]:
+        return self._read_rest(key, self._prefix + _PREV + key, head_len)
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run(self, op: str, key: str, call: Callable[[redis.Redis], Awaitable[T]]) -> T | _Failed:
+        """Run one Redis call through the breaker; map every failure to a logged ``FAILED``."""
+        client = self._redis
+        if client is None:
+            self._log_error(op, key, "not connected: call connect() first")
+            return FAILED
+        breaker = self._breaker
+        if not breaker.allow(self._clock()):
+            retry_ms = round(breaker.retry_in(self._clock()) * 1000, 1)
+            self._log_error(op, key, f"Redis unavailable (fast fail; next try in {retry_ms} ms)")
+            return FAILED
+        try:
+            result = await call(client)
+        except asyncio.CancelledError:
+            breaker.release_trial()
+            raise
+        except _CONNECTION_ERRORS as exc:
+            breaker.record_failure(self._clock())
+            self._log_error(op, key, exc)
+            return FAILED
+        except redis_exc.RedisError as exc:
+            breaker.record_success()  # the server answered: it is up, the command was wrong
+            self._log_error(op, key, exc)
+            return FAILED
+        breaker.record_success()
+        return result
+
+    def _log_error(self, op: str, key: str, error: object) -> None:
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        emit(log, "redis_error", logging.ERROR, op=op, key=key, error=text)
+
+    def _refuse(self, op: str, key: object, reason: str) -> bool:
+        emit(log, "cache_invalid_argument", logging.ERROR, op=op, key=repr(key), error=reason)
+        return False
+
+    def _refuse_none(self, op: str, key: object, reason: str) -> None:
+        self._refuse(op, key, reason)
+        return None
+
+
+class RedisAudioStream(AudioChunkStream):
+    """A streaming read that never mixes two versions of a fragment.
+
+    The head (first chunks) comes from the opening command. The remainder comes from one MULTI/EXEC
+    that re-reads the head too: if the re-read head equals the head already yielded, head + tail is
+    exactly one stored list. If not, the fragment was overwritten in between, and the tail is taken
+    from the retained previous version instead (checked the same way). Should that also differ (two
+    overwrites within one read), the stream ends after the head and logs ``audio_stream_version_lost``.
+    """
+
+    def __init__(
+        self,
+        cache: RedisCacheManager,
+        key: str,
+        head: list[bytes],
+        rest: asyncio.Task[tuple[list[bytes], list[bytes]] | None] | None,
+    ) -> None:
+        self._cache = cache
+        self._key = key
+        self._head = head
+        self._rest = rest
+        self._buffer = head
+        self._index = 0
+        self._tail_loaded = rest is None
+        self._closed = False
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._index >= len(self._buffer) and not self._tail_loaded:
+            self._tail_loaded = True
+            self._buffer = await self._load_tail()
+            self._index = 0
+        if self._index >= len(self._buffer):
+            await self.aclose()
+            raise StopAsyncIteration
+        chunk = self._buffer[self._index]
+        self._index += 1
+        return chunk
+
+    async def _load_tail(self) -> list[bytes]:
+        assert self._rest is not None
+        snapshot = await self._rest
+        if snapshot is not None and snapshot[0] == self._head:
+            return snapshot[1]
+        previous = await self._cache._read_previous(self._key, len(self._head))
+        if previous is not None and previous[0] == self._head:
+            emit(log, "audio_stream_previous_version", key=self._key, chunks=len(previous[1]))
+            return previous[1]
+        if snapshot is not None:  # a failure was logged already; a lost version was not
+            emit(log, "audio_stream_version_lost", logging.WARNING, key=self._key, yielded=len(self._head))
+        return []
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer = []
+        if self._rest is not None and not self._rest.done():
+            # The task is tracked by the cache (and cancelled again on close); nothing to wait for.
+            self._rest.cancel()
+
+
+def _valid_key(key: object) -> bool:
+    try:
+        keys.check_key(key)
+    except DomainError:
+        return False
+    return True
+
+
+def _read_and_cut(path: str, chunk_ms: int) -> tuple[WavAudio, list[bytes]]:
+    """Blocking part of ``load_and_set_audio`` (runs in a worker thread)."""
+    if not isinstance(path, str | Path):
+        raise TypeError(f"wav_filepath must be a path, got {type(path).__name__}")
+    file = Path(path)
+    size = file.stat().st_size
+    if size > MAX_WAV_BYTES:
+        raise DomainError(f"WAV file is {size} bytes, more than the {MAX_WAV_BYTES} bytes accepted")
+    wav = parse_wav(file.read_bytes())
+    plan = plan_chunks(wav.format, chunk_ms)
+    chunks = split_pcm(wav.pcm, plan)
+    return wav, chunks
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)

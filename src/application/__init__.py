@@ -1,0 +1,1 @@
+"""Use cases built on the ports: they never import adapters."""

@@ -1,0 +1,1 @@
+"""The hexagon's inside: pure domain rules and the ports adapters implement."""

@@ -1,0 +1,1 @@
+"""Pure domain: data types and rules, with no I/O, clock or environment."""

@@ -1,0 +1,1 @@
+"""Abstract ports that adapters implement and the application depends on."""

@@ -1,0 +1,1 @@
+"""Composition root (dependency-injector container), configuration loading, logging and the CLI."""

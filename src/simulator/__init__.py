@@ -1,0 +1,5 @@
+"""Local simulators of paid providers (OpenAI-compatible), for tests, probes and the offline demo.
+
+These are *simulators*: they speak the real wire protocol over real HTTP on 127.0.0.1 but produce
+scripted answers. Nothing in the library's production path imports them.
+"""
