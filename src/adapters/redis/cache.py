@@ -27,7 +27,7 @@ from voxcore.core.domain import keys
 from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat, WavAudio, parse_wav, plan_chunks, split_pcm
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.resilience import CircuitBreaker
-from voxcore.core.ports.cache import AbstractAudioCache, AudioChunkStream
+from voxcore.core.ports.cache import AbstractAudioCache, AudioChunkStream, AudioLoadResult
 from voxcore.events import emit
 
 log = logging.getLogger(__name__)
@@ -224,13 +224,19 @@ class RedisCacheManager(AbstractAudioCache):
         non-WAV file logs ``load_audio_failed`` with the reason and returns False; the existing key
         is left untouched.
         """
+        return (await self.load_audio_file(key, wav_filepath, chunk_size_ms)).ok
+
+    async def load_audio_file(self, key: str, wav_filepath: str, chunk_size_ms: int = 20) -> AudioLoadResult:
+        """:meth:`load_and_set_audio` returning the details (reason, chunks, format)."""
         if not _valid_key(key):
-            return self._refuse("load_and_set_audio", key, "key must be a non-empty string")
+            self._refuse("load_and_set_audio", key, "key must be a non-empty string")
+            return AudioLoadResult(key=str(key), ok=False, reason="key must be a non-empty string")
         try:
             wav, chunks = await asyncio.to_thread(_read_and_cut, wav_filepath, chunk_size_ms)
         except (OSError, DomainError, TypeError) as exc:
-            emit(log, "load_audio_failed", logging.ERROR, key=key, path=str(wav_filepath), reason=str(exc))
-            return False
+            reason = _describe_load_error(exc)
+            emit(log, "load_audio_failed", logging.ERROR, key=key, path=str(wav_filepath), reason=reason)
+            return AudioLoadResult(key=key, ok=False, reason=reason)
         fmt = wav.format
         emit(
             log,
@@ -244,20 +250,29 @@ class RedisCacheManager(AbstractAudioCache):
             duration_ms=round(wav.duration_ms, 3),
         )
         ok = await self._write_audio("load_and_set_audio", key, chunks, fmt)
+        kept = min(len(chunks), MAX_CHUNKS)
+        stored_bytes = sum(len(c) for c in chunks[:kept])
         emit(
             log,
             "warmup_done",
             level=logging.INFO if ok else logging.ERROR,
             key=key,
             ok=ok,
-            chunks=min(len(chunks), MAX_CHUNKS),
+            chunks=kept,
             sample_rate=fmt.sample_rate,
             nchannels=fmt.channels,
             sampwidth=fmt.sample_width,
-            duration_ms=round(wav.duration_ms, 3),
-            total_bytes=len(wav.pcm),
+            duration_ms=round(fmt.duration_ms(stored_bytes), 3),
+            total_bytes=stored_bytes,
         )
-        return ok
+        return AudioLoadResult(
+            key=key,
+            ok=ok,
+            reason="" if ok else "Redis write failed (see redis_error)",
+            chunks=kept if ok else 0,
+            audio_format=fmt,
+            duration_ms=round(fmt.duration_ms(stored_bytes), 3),
+        )
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -496,6 +511,16 @@ def _read_and_cut(path: str, chunk_ms: int) -> tuple[WavAudio, list[bytes]]:
     plan = plan_chunks(wav.format, chunk_ms)
     chunks = split_pcm(wav.pcm, plan)
     return wav, chunks
+
+
+def _describe_load_error(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename}"
+    if isinstance(exc, IsADirectoryError):
+        return f"is a directory, not a WAV file: {exc.filename}"
+    if isinstance(exc, OSError):
+        return f"cannot read file: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _ms_since(started: float) -> float:

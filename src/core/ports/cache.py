@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import List, Optional
 
 from voxcore.core.domain.audio import AudioFormat
@@ -63,6 +64,27 @@ class AudioChunkStream(abc.ABC):
         await self.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class AudioLoadResult:
+    """Outcome of loading one WAV file into the cache.
+
+    Attributes:
+        key: The cache key written (or not).
+        ok: True when the fragment was stored.
+        reason: Why it was not stored (empty when ``ok``).
+        chunks: Chunks stored.
+        audio_format: The file's format, when the file could be parsed.
+        duration_ms: Playing time of the stored audio.
+    """
+
+    key: str
+    ok: bool
+    reason: str = ""
+    chunks: int = 0
+    audio_format: AudioFormat | None = None
+    duration_ms: float = 0.0
+
+
 class AbstractAudioCache(AbstractCache):
     """``AbstractCache`` plus what low-latency playback needs: streaming reads and stored formats."""
 
@@ -78,6 +100,10 @@ class AbstractAudioCache(AbstractCache):
     @abc.abstractmethod
     async def set_audio_fragment(self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat) -> bool:
         """Store chunks together with their format, atomically (``set_audio_chunks`` + format)."""
+
+    @abc.abstractmethod
+    async def load_audio_file(self, key: str, wav_filepath: str, chunk_size_ms: int = 20) -> AudioLoadResult:
+        """``load_and_set_audio`` that also says why a file was refused (for tools and reports)."""
 
     @abc.abstractmethod
     async def get_audio_format(self, key: str) -> AudioFormat | None:

@@ -1,0 +1,269 @@
+"""The ``voxcore`` command line: ``load-audio`` and ``probe-cache`` (more commands join later).
+
+Every command prints JSON lines on stdout. Redis is found in this order: ``--redis-url``;
+``--embedded-redis``; the configured location (config file, ``REDIS_URL``/``REDIS_HOST``...);
+a server answering on 127.0.0.1:6379; otherwise a ``redis-server`` from PATH started on a free
+loopback port for the run (announced with ``embedded_redis_started``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from voxcore.core.domain.keys import static_key
+from voxcore.core.ports.errors import ConfigurationError
+from voxcore.entrypoints.container import Container
+from voxcore.entrypoints.embedded_redis import EmbeddedRedis, port_answers
+from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.manifest import read_manifest
+from voxcore.entrypoints.settings import Settings, load_settings
+from voxcore.events import emit
+
+log = logging.getLogger("voxcore.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def example_wav() -> Path:
+    """Path of the shipped speech-like example (16 kHz mono 16-bit, ~3 s)."""
+    return Path(str(resources.files("voxcore.entrypoints") / "assets" / "example.wav"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``voxcore`` command."""
+    parser = argparse.ArgumentParser(prog="voxcore", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML settings file (default: defaults + environment)")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--redis-url", help="use this Redis (overrides the configuration)")
+    where.add_argument(
+        "--embedded-redis", action="store_true", help="always start a private redis-server for this run"
+    )
+    common.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    load = sub.add_parser(
+        "load-audio",
+        parents=[common],
+        help="load WAV fragments into static:* keys",
+        description="Load every *.wav of DIR as static:<file stem>, or the fragments a manifest "
+        "(YAML/JSON: fragments: [{key, file, transcript}]) lists. Bad files are reported and skipped.",
+    )
+    load.add_argument("source", type=Path, metavar="DIR|MANIFEST")
+    load.add_argument("--chunk-ms", type=int, default=20)
+    load.set_defaults(handler=_load_audio)
+
+    probe = sub.add_parser(
+        "probe-cache",
+        parents=[common],
+        help="manual end-to-end check of the cache (SPEC-C), JSON lines only",
+    )
+    probe.add_argument("--key", default="static:test_example")
+    probe.add_argument("--wav", type=Path, default=None, help="WAV to load (default: the shipped example)")
+    probe.add_argument("--chunk-ms", type=int, default=20)
+    probe.add_argument("--concurrency", type=int, default=5)
+    probe.add_argument("--rounds", type=int, default=10, help="concurrent read rounds for p50/p95")
+    probe.add_argument("--text-ttl", type=float, default=2.0, help="seconds (whole) for the TTL check")
+    probe.set_defaults(handler=_probe_cache)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``voxcore`` console script."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except ConfigurationError as exc:
+        _print_json({"event": "error", "error": str(exc)})
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- shared plumbing ------------------------------------------------------------------------------
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@asynccontextmanager
+async def _cache_container(args: argparse.Namespace, default_level: str) -> AsyncIterator[Container]:
+    """Settings -> Redis location -> container with a connected cache; JSON logs on stdout."""
+    settings = load_settings(args.config)
+    configure_logging(args.log_level or default_level, stream=sys.stdout)
+    embedded: EmbeddedRedis | None = None
+    url = args.redis_url
+    if url is None and (args.embedded_redis or not _redis_known(settings)):
+        embedded = await asyncio.to_thread(lambda: EmbeddedRedis().start())
+        url = embedded.url
+        reason = "requested (--embedded-redis)" if args.embedded_redis else "no Redis configured or answering"
+        emit(log, "embedded_redis_started", url=url, binary=embedded.binary, reason=reason)
+    if url is not None:
+        settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
+    settings = settings.model_copy(
+        update={"logging": settings.logging.model_copy(update={"configure": False})}
+    )  # the CLI already configured logging (on stdout)
+    container = Container(settings=settings)
+    try:
+        await container.init_resources()
+        try:
+            yield container
+        finally:
+            await container.shutdown_resources()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.close)
+            emit(log, "embedded_redis_stopped", url=url)
+
+
+def _redis_known(settings: Settings) -> bool:
+    if settings.redis.explicitly_located:
+        return True
+    return port_answers("127.0.0.1", 6379)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return round(ordered[rank - 1], 3)
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+# -- load-audio -----------------------------------------------------------------------------------
+
+
+def _fragments_from(source: Path) -> list[tuple[str, Path]]:
+    """(key, file) pairs from a directory of WAVs or a manifest file."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() == ".wav" and p.is_file())
+        if not files:
+            raise ConfigurationError(f"no *.wav files in directory {source}")
+        return [(static_key(p.stem), p) for p in files]
+    if source.is_file():
+        return [(spec.key, Path(spec.file)) for spec in read_manifest(source)]
+    raise ConfigurationError(f"{source} is neither a directory nor a manifest file")
+
+
+async def _load_audio(args: argparse.Namespace) -> int:
+    fragments = _fragments_from(args.source)
+    async with _cache_container(args, "INFO") as container:
+        cache = container.cache()
+        if not await cache.ping():
+            _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
+            return EXIT_FAILED
+        started = time.perf_counter()
+        loaded, failures, total_chunks = 0, [], 0
+        for index, (key, path) in enumerate(fragments, 1):
+            result = await cache.load_audio_file(key, str(path), args.chunk_ms)
+            status = f"ok, {result.chunks} chunks, {result.duration_ms:.0f} ms" if result.ok else result.reason
+            sys.stderr.write(f"[{index}/{len(fragments)}] {key} <- {path.name}: {status}\n")
+            if result.ok:
+                loaded += 1
+                total_chunks += result.chunks
+            else:
+                failures.append({"key": key, "file": str(path), "reason": result.reason})
+        _print_json(
+            {
+                "event": "load_audio_summary",
+                "source": str(args.source),
+                "fragments": len(fragments),
+                "loaded": loaded,
+                "failed": len(failures),
+                "chunks": total_chunks,
+                "elapsed_ms": _ms(started, time.perf_counter()),
+                "failures": failures,
+            }
+        )
+        return EXIT_OK if not failures else EXIT_FAILED
+
+
+# -- probe-cache ----------------------------------------------------------------------------------
+
+
+async def _probe_cache(args: argparse.Namespace) -> int:
+    if args.concurrency < 1 or args.rounds < 1:
+        raise ConfigurationError("--concurrency and --rounds must be at least 1")
+    wav = args.wav or example_wav()
+    checks: dict[str, bool] = {}
+    async with _cache_container(args, "DEBUG") as container:
+        cache = container.cache()
+        if not await cache.ping():
+            _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
+            return EXIT_FAILED
+        # 1. warm-up (the cache logs warmup_done)
+        checks["warmup"] = await cache.load_and_set_audio(args.key, str(wav), args.chunk_ms)
+        # 2. hit and 3. miss (the cache logs get_audio_chunks_hit/_miss with latency_ms)
+        chunks = await cache.get_audio_chunks(args.key)
+        checks["hit"] = bool(chunks)
+        checks["miss"] = await cache.get_audio_chunks(f"{args.key}:__probe_missing__") is None
+        # 4. text with a TTL, then expiry
+        ttl = max(1, round(args.text_ttl))
+        text_key = "summary:session:probe-cache"
+        checks["text_set"] = await cache.set_text(text_key, "проверка TTL", ttl)
+        checks["text_get"] = await cache.get_text(text_key) == "проверка TTL"
+        emit(log, "text_roundtrip", key=text_key, ttl_seconds=ttl, ok=checks["text_set"] and checks["text_get"])
+        await asyncio.sleep(ttl + 0.2)
+        checks["text_expired"] = await cache.get_text(text_key) is None
+        emit(log, "text_expiry", key=text_key, waited_s=ttl + 0.2, expired=checks["text_expired"])
+        # 5. concurrent streaming reads
+        samples: list[dict[str, float]] = []
+        for _ in range(args.rounds):
+            results = await asyncio.gather(*(_bench_stream_read(cache, args.key) for _ in range(args.concurrency)))
+            samples += [r for r in results if r is not None]
+        checks["bench"] = len(samples) == args.rounds * args.concurrency
+        if samples:
+            summary = {
+                f"{metric}_{name}": _percentile([s[metric] for s in samples], q)
+                for metric in ("first_chunk_ms", "stream_ms", "total_ms")
+                for name, q in (("p50", 50), ("p95", 95))
+            }
+            emit(log, "bench_summary", key=args.key, reads=len(samples), concurrency=args.concurrency, **summary)
+    ok = all(checks.values())
+    _print_json({"event": "probe_done", "ok": ok, "checks": checks})
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _bench_stream_read(cache: Any, key: str) -> dict[str, float] | None:
+    """One streaming read: time to first chunk, time to stream the rest, total (SPEC-C bench)."""
+    t0 = time.perf_counter()
+    stream = await cache.open_audio_stream(key)
+    if stream is None:
+        emit(log, "bench_read_miss", key=key, latency_ms=_ms(t0, time.perf_counter()))
+        return None
+    nbytes = chunks = 0
+    t_first = t0
+    async with stream:
+        async for chunk in stream:
+            if not chunks:
+                t_first = time.perf_counter()
+            chunks += 1
+            nbytes += len(chunk)
+    t_end = time.perf_counter()
+    sample = {
+        "first_chunk_ms": _ms(t0, t_first),
+        "stream_ms": _ms(t_first, t_end),
+        "total_ms": _ms(t0, t_end),
+    }
+    emit(log, "bench_read_ok", key=key, bytes=nbytes, chunks=chunks, **sample)
+    return sample
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
