@@ -9,9 +9,11 @@ Never fakeredis, never a mocked client.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -30,15 +32,23 @@ class RedisTarget:
 
 
 def _docker_engine_answers() -> bool:
+    """True if a Docker engine answers ``GET /_ping`` (unix socket or tcp DOCKER_HOST), in <= 2 s."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        import docker
-
-        client = docker.from_env(timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # no engine, no socket, no permission: all mean "use redis-server"
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = host[len("unix://") :]
+        elif host.startswith("tcp://"):
+            name, _, port = host[len("tcp://") :].rpartition(":")
+            sock, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), (name, int(port))
+        else:
+            return False
+        with sock:
+            sock.settimeout(2)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(256)
+    except (OSError, ValueError):
         return False
 
 

@@ -13,6 +13,7 @@ Storage layout (``P`` is the optional key prefix for a shared Redis):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,23 @@ _PREV = "voxcore:prev:"
 # (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
 _CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
+# The rest of a streamed list, atomically, from whichever version starts with the chunks already
+# yielded (ARGV): the current list (KEYS[1]) or the one it replaced (KEYS[2]).
+_READ_REST_LUA: Final = """
+local n = #ARGV
+local function starts_with_head(key)
+  local head = redis.call('LRANGE', key, 0, n - 1)
+  if #head ~= n then return false end
+  for i = 1, n do
+    if head[i] ~= ARGV[i] then return false end
+  end
+  return true
+end
+if starts_with_head(KEYS[1]) then return {1, redis.call('LRANGE', KEYS[1], n, -1)} end
+if starts_with_head(KEYS[2]) then return {2, redis.call('LRANGE', KEYS[2], n, -1)} end
+return {0, {}}
+"""
+_READ_REST_SHA: Final = hashlib.sha1(_READ_REST_LUA.encode()).hexdigest()
 
 
 class _Failed:
@@ -199,9 +217,9 @@ class RedisCacheManager(AbstractAudioCache):
         if not head:
             emit(log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0)
             return None
-        rest: asyncio.Task[tuple[list[bytes], list[bytes]] | None] | None = None
+        rest: asyncio.Task[tuple[int, list[bytes]] | None] | None = None
         if len(head) == self._first_batch:  # a shorter head is already the whole list
-            rest = self._spawn(self._read_rest(key, self._prefix + key, len(head)))
+            rest = self._spawn(self._read_rest(key, head))
         return RedisAudioStream(self, key, head, rest)
 
     async def get_audio_format(self, key: str) -> AudioFormat | None:
@@ -290,7 +308,7 @@ class RedisCacheManager(AbstractAudioCache):
         if keys.is_static(key) or keys.is_tts(key):
             return self._refuse("set_text", key, "audio keys (static:*, tts:*) cannot hold text")
         result = await self._run(
-            "set_text", key, lambda r: r.setex(self._prefix + key, ttl_seconds, text.encode("utf-8"))
+            "set_text", key, lambda r: r.execute_command("SETEX", self._prefix + key, ttl_seconds, text.encode("utf-8"))
         )
         return result is not FAILED
 
@@ -365,22 +383,23 @@ class RedisCacheManager(AbstractAudioCache):
         )
         return True
 
-    async def _read_rest(self, key: str, full_key: str, head_len: int) -> tuple[list[bytes], list[bytes]] | None:
-        """One snapshot of a list: its first ``head_len`` chunks and everything after them."""
+    async def _read_rest(self, key: str, head: list[bytes]) -> tuple[int, list[bytes]] | None:
+        """The chunks after ``head`` of the version that starts with ``head`` (one atomic script).
 
-        async def snapshot(r: redis.Redis) -> list[Any]:
-            pipe = r.pipeline(transaction=True)
-            pipe.lrange(full_key, 0, head_len - 1)
-            pipe.lrange(full_key, head_len, -1)
-            return await pipe.execute()  # type: ignore[no-any-return]
-
-        result = await self._run("open_audio_stream", key, snapshot)
+        Returns ``(1, tail)`` from the current list, ``(2, tail)`` from the retained previous
+        version, ``(0, [])`` when neither starts with ``head``, or ``None`` on a soft failure.
+        """
+        full, prev = self._prefix + key, self._prefix + _PREV + key
+        result = await self._run(
+            "open_audio_stream",
+            key,
+            lambda r: r.evalsha(_READ_REST_SHA, 2, full, prev, *head),
+            script=_READ_REST_LUA,
+        )
         if result is FAILED:
             return None
-        return result[0], result[1]
-
-    def _read_previous(self, key: str, head_len: int) -> Awaitable[tuple[list[bytes], list[bytes]] | None]:
-        return self._read_rest(key, self._prefix + _PREV + key, head_len)
+        source, tail = result
+        return int(source), tail
 
     def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
         task: asyncio.Task[T] = asyncio.ensure_future(coro)
@@ -388,8 +407,13 @@ class RedisCacheManager(AbstractAudioCache):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run(self, op: str, key: str, call: Callable[[redis.Redis], Awaitable[T]]) -> T | _Failed:
-        """Run one Redis call through the breaker; map every failure to a logged ``FAILED``."""
+    async def _run(
+        self, op: str, key: str, call: Callable[[redis.Redis], Awaitable[T]], script: str | None = None
+    ) -> T | _Failed:
+        """Run one Redis call through the breaker; map every failure to a logged ``FAILED``.
+
+        With ``script``, a NOSCRIPT reply (a restarted or flushed server) loads it and retries once.
+        """
         client = self._redis
         if client is None:
             self._log_error(op, key, "not connected: call connect() first")
@@ -400,7 +424,13 @@ class RedisCacheManager(AbstractAudioCache):
             self._log_error(op, key, f"Redis unavailable (fast fail; next try in {retry_ms} ms)")
             return FAILED
         try:
-            result = await call(client)
+            try:
+                result = await call(client)
+            except redis_exc.NoScriptError:
+                if script is None:
+                    raise
+                await client.script_load(script)
+                result = await call(client)
         except asyncio.CancelledError:
             breaker.release_trial()
             raise
@@ -431,11 +461,11 @@ class RedisCacheManager(AbstractAudioCache):
 class RedisAudioStream(AudioChunkStream):
     """A streaming read that never mixes two versions of a fragment.
 
-    The head (first chunks) comes from the opening command. The remainder comes from one MULTI/EXEC
-    that re-reads the head too: if the re-read head equals the head already yielded, head + tail is
-    exactly one stored list. If not, the fragment was overwritten in between, and the tail is taken
-    from the retained previous version instead (checked the same way). Should that also differ (two
-    overwrites within one read), the stream ends after the head and logs ``audio_stream_version_lost``.
+    The head (first chunks) comes from the opening command; the remainder from one atomic Lua
+    script that takes the tail of whichever version starts with that head: the current list, or
+    the previous version a concurrent overwrite left for open streams. Should neither match (two
+    overwrites within one read), the stream ends after the head and logs
+    ``audio_stream_version_lost``: a prefix of one version, never a mix.
     """
 
     def __init__(
@@ -443,7 +473,7 @@ class RedisAudioStream(AudioChunkStream):
         cache: RedisCacheManager,
         key: str,
         head: list[bytes],
-        rest: asyncio.Task[tuple[list[bytes], list[bytes]] | None] | None,
+        rest: asyncio.Task[tuple[int, list[bytes]] | None] | None,
     ) -> None:
         self._cache = cache
         self._key = key
@@ -470,16 +500,15 @@ class RedisAudioStream(AudioChunkStream):
 
     async def _load_tail(self) -> list[bytes]:
         assert self._rest is not None
-        snapshot = await self._rest
-        if snapshot is not None and snapshot[0] == self._head:
-            return snapshot[1]
-        previous = await self._cache._read_previous(self._key, len(self._head))
-        if previous is not None and previous[0] == self._head:
-            emit(log, "audio_stream_previous_version", key=self._key, chunks=len(previous[1]))
-            return previous[1]
-        if snapshot is not None:  # a failure was logged already; a lost version was not
+        result = await self._rest
+        if result is None:  # a soft failure, already logged
+            return []
+        source, tail = result
+        if source == 2:
+            emit(log, "audio_stream_previous_version", key=self._key, chunks=len(tail))
+        elif source == 0:
             emit(log, "audio_stream_version_lost", logging.WARNING, key=self._key, yielded=len(self._head))
-        return []
+        return tail
 
     async def aclose(self) -> None:
         if self._closed:

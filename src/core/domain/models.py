@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, TypedDict, cast, get_args
+from typing import Any, Literal, TypeAlias, TypedDict, get_args
 
 from pydantic import BaseModel, field_validator
 
@@ -83,11 +83,7 @@ def make_message(role: str, content: str) -> ConversationMessage:
     Raises:
         ValueError: ``role`` is not a known role or ``content`` is not a ``str``.
     """
-    if not isinstance(role, str) or role not in ROLES:
-        raise ValueError(f"message role must be one of {', '.join(ROLES)}; got {role!r}")
-    if not isinstance(content, str):
-        raise ValueError(f"message content must be str, got {type(content).__name__}")
-    return ConversationMessage(role=cast(Role, role), content=content)
+    return _message(role, content)
 
 
 def check_history(value: object) -> ConversationHistory:
@@ -106,10 +102,18 @@ def check_history(value: object) -> ConversationHistory:
         if not isinstance(item, dict):
             raise ValueError(f"history message {index} must be a dict, got {type(item).__name__}")
         try:
-            history.append(make_message(item.get("role"), item.get("content")))
+            history.append(_message(item.get("role"), item.get("content")))
         except ValueError as exc:
             raise ValueError(f"history message {index}: {exc}") from None
     return history
+
+
+def _message(role: object, content: object) -> ConversationMessage:
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"message role must be one of {', '.join(ROLES)}; got {role!r}")
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be str, got {type(content).__name__}")
+    return ConversationMessage(role=role, content=content)
 
 
 def json_schema_for(model: type[BaseModel], *, name: str | None = None) -> dict[str, Any]:
