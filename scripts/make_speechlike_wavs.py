@@ -1,7 +1,8 @@
 """Generate the shipped speech-like test audio (deterministic, pure Python).
 
 Writes ``src/entrypoints/assets/example.wav`` (SPEC-C's example, ~3 s, 16 kHz mono 16-bit) and the
-demo fragments in ``demo/fragments/`` with their manifest. Re-running produces identical files.
+demo fragments in ``src/entrypoints/assets/fragments/`` with their manifest. Re-running produces
+identical files.
 
 The signal is "speech-like", not speech: syllables of a glottal pulse train (jittered pitch
 contour) shaped by vowel formants, with noise bursts for consonants and short pauses, so chunk
@@ -78,11 +79,16 @@ def main() -> None:
         "currency_rub": ("рублей", 0.7, 4),
         "one_moment": ("Минуточку...", 0.9, 5),
     }
-    lines = ["# Demo fragments for `voxcore load-audio` (speech-like placeholders; see scripts/).", "fragments:"]
+    lines = [
+        "# Demo fragments for `voxcore load-audio` (speech-like placeholders; see scripts/).",
+        "fragments:",
+    ]
     for name, (transcript, seconds, seed) in fragments.items():
-        write_wav(ROOT / f"demo/fragments/{name}.wav", speechlike(seconds, seed))
-        lines += [f"  - key: static:{name}", f"    file: {name}.wav", f"    transcript: \"{transcript}\""]
-    (ROOT / "demo/fragments/manifest.yml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_wav(ROOT / f"src/entrypoints/assets/fragments/{name}.wav", speechlike(seconds, seed))
+        lines += [f"  - key: static:{name}", f"    file: {name}.wav", f'    transcript: "{transcript}"']
+    (ROOT / "src/entrypoints/assets/fragments/manifest.yml").write_text(
+        "\n".join(lines) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

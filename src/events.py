@@ -13,7 +13,7 @@ from typing import Any
 FIELDS_ATTR = "voxcore_fields"
 
 
-def emit(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+def emit(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: Any) -> None:
     """Log ``event`` with ``fields`` as one structured record.
 
     The level check comes first so that a disabled event costs a single comparison on hot paths.

@@ -93,9 +93,13 @@ async def raw_redis(redis_target: RedisTarget, key_prefix: str) -> AsyncIterator
 
 
 @pytest.fixture
-async def cache(redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis) -> AsyncIterator[RedisCacheManager]:
+async def cache(
+    redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
+) -> AsyncIterator[RedisCacheManager]:
     """A connected ``RedisCacheManager`` whose keys live under the test's prefix."""
-    manager = RedisCacheManager(RedisConfig(url=redis_target.url), key_prefix=key_prefix, tts_ttl_seconds=3600)
+    manager = RedisCacheManager(
+        RedisConfig(url=redis_target.url), key_prefix=key_prefix, tts_ttl_seconds=3600
+    )
     await manager.connect()
     try:
         yield manager

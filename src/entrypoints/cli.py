@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -37,6 +37,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def example_wav() -> Path:
     """Path of the shipped speech-like example (16 kHz mono 16-bit, ~3 s)."""
     return Path(str(resources.files("voxcore.entrypoints") / "assets" / "example.wav"))
+
+
+def demo_manifest() -> Path:
+    """Path of the shipped demo fragment manifest."""
+    return Path(str(resources.files("voxcore.entrypoints") / "assets" / "fragments" / "manifest.yml"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--rounds", type=int, default=10, help="concurrent read rounds for p50/p95")
     probe.add_argument("--text-ttl", type=float, default=2.0, help="seconds (whole) for the TTL check")
     probe.set_defaults(handler=_probe_cache)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the offline demo: load the shipped fragments, then run probe-cache (embedded Redis by default)",
+    )
+    demo.add_argument(
+        "--fragments", type=Path, default=None, help="manifest or WAV folder (default: shipped)"
+    )
+    demo.add_argument("--chunk-ms", type=int, default=20)
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -118,15 +134,21 @@ async def _cache_container(args: argparse.Namespace, default_level: str) -> Asyn
     )  # the CLI already configured logging (on stdout)
     container = Container(settings=settings)
     try:
-        await container.init_resources()
+        await _maybe_await(container.init_resources())
         try:
             yield container
         finally:
-            await container.shutdown_resources()
+            await _maybe_await(container.shutdown_resources())
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.close)
             emit(log, "embedded_redis_stopped", url=url)
+
+
+async def _maybe_await(result: Awaitable[Any] | None) -> None:
+    """dependency-injector returns None instead of an awaitable when every resource is sync."""
+    if result is not None:
+        await result
 
 
 def _redis_known(settings: Settings) -> bool:
@@ -164,34 +186,41 @@ def _fragments_from(source: Path) -> list[tuple[str, Path]]:
 async def _load_audio(args: argparse.Namespace) -> int:
     fragments = _fragments_from(args.source)
     async with _cache_container(args, "INFO") as container:
-        cache = container.cache()
-        if not await cache.ping():
-            _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
-            return EXIT_FAILED
-        started = time.perf_counter()
-        loaded, failures, total_chunks = 0, [], 0
-        for index, (key, path) in enumerate(fragments, 1):
-            result = await cache.load_audio_file(key, str(path), args.chunk_ms)
-            status = f"ok, {result.chunks} chunks, {result.duration_ms:.0f} ms" if result.ok else result.reason
-            sys.stderr.write(f"[{index}/{len(fragments)}] {key} <- {path.name}: {status}\n")
-            if result.ok:
-                loaded += 1
-                total_chunks += result.chunks
-            else:
-                failures.append({"key": key, "file": str(path), "reason": result.reason})
-        _print_json(
-            {
-                "event": "load_audio_summary",
-                "source": str(args.source),
-                "fragments": len(fragments),
-                "loaded": loaded,
-                "failed": len(failures),
-                "chunks": total_chunks,
-                "elapsed_ms": _ms(started, time.perf_counter()),
-                "failures": failures,
-            }
-        )
-        return EXIT_OK if not failures else EXIT_FAILED
+        return await _load_fragments(container, fragments, args.chunk_ms, str(args.source))
+
+
+async def _load_fragments(
+    container: Container, fragments: list[tuple[str, Path]], chunk_ms: int, source: str
+) -> int:
+    """Load (key, file) pairs with a progress display on stderr and a JSON summary on stdout."""
+    cache = container.cache()
+    if not await cache.ping():
+        _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
+        return EXIT_FAILED
+    started = time.perf_counter()
+    loaded, failures, total_chunks = 0, [], 0
+    for index, (key, path) in enumerate(fragments, 1):
+        result = await cache.load_audio_file(key, str(path), chunk_ms)
+        status = f"ok, {result.chunks} chunks, {result.duration_ms:.0f} ms" if result.ok else result.reason
+        sys.stderr.write(f"[{index}/{len(fragments)}] {key} <- {path.name}: {status}\n")
+        if result.ok:
+            loaded += 1
+            total_chunks += result.chunks
+        else:
+            failures.append({"key": key, "file": str(path), "reason": result.reason})
+    _print_json(
+        {
+            "event": "load_audio_summary",
+            "source": source,
+            "fragments": len(fragments),
+            "loaded": loaded,
+            "failed": len(failures),
+            "chunks": total_chunks,
+            "elapsed_ms": _ms(started, time.perf_counter()),
+            "failures": failures,
+        }
+    )
+    return EXIT_OK if not failures else EXIT_FAILED
 
 
 # -- probe-cache ----------------------------------------------------------------------------------
@@ -200,44 +229,65 @@ async def _load_audio(args: argparse.Namespace) -> int:
 async def _probe_cache(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.rounds < 1:
         raise ConfigurationError("--concurrency and --rounds must be at least 1")
+    async with _cache_container(args, "DEBUG") as container:
+        return await _probe(container, args)
+
+
+async def _probe(container: Container, args: argparse.Namespace) -> int:
+    """SPEC-C's manual e2e test: warm-up, hit, miss, text TTL and expiry, concurrent streaming reads."""
     wav = args.wav or example_wav()
     checks: dict[str, bool] = {}
-    async with _cache_container(args, "DEBUG") as container:
-        cache = container.cache()
-        if not await cache.ping():
-            _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
-            return EXIT_FAILED
-        # 1. warm-up (the cache logs warmup_done)
-        checks["warmup"] = await cache.load_and_set_audio(args.key, str(wav), args.chunk_ms)
-        # 2. hit and 3. miss (the cache logs get_audio_chunks_hit/_miss with latency_ms)
-        chunks = await cache.get_audio_chunks(args.key)
-        checks["hit"] = bool(chunks)
-        checks["miss"] = await cache.get_audio_chunks(f"{args.key}:__probe_missing__") is None
-        # 4. text with a TTL, then expiry
-        ttl = max(1, round(args.text_ttl))
-        text_key = "summary:session:probe-cache"
-        checks["text_set"] = await cache.set_text(text_key, "проверка TTL", ttl)
-        checks["text_get"] = await cache.get_text(text_key) == "проверка TTL"
-        emit(log, "text_roundtrip", key=text_key, ttl_seconds=ttl, ok=checks["text_set"] and checks["text_get"])
-        await asyncio.sleep(ttl + 0.2)
-        checks["text_expired"] = await cache.get_text(text_key) is None
-        emit(log, "text_expiry", key=text_key, waited_s=ttl + 0.2, expired=checks["text_expired"])
-        # 5. concurrent streaming reads
-        samples: list[dict[str, float]] = []
-        for _ in range(args.rounds):
-            results = await asyncio.gather(*(_bench_stream_read(cache, args.key) for _ in range(args.concurrency)))
-            samples += [r for r in results if r is not None]
-        checks["bench"] = len(samples) == args.rounds * args.concurrency
-        if samples:
-            summary = {
-                f"{metric}_{name}": _percentile([s[metric] for s in samples], q)
-                for metric in ("first_chunk_ms", "stream_ms", "total_ms")
-                for name, q in (("p50", 50), ("p95", 95))
-            }
-            emit(log, "bench_summary", key=args.key, reads=len(samples), concurrency=args.concurrency, **summary)
+    cache = container.cache()
+    if not await cache.ping():
+        _print_json({"event": "error", "error": f"Redis at {cache.config.describe()} does not answer"})
+        return EXIT_FAILED
+    # 1. warm-up (the cache logs warmup_done)
+    checks["warmup"] = await cache.load_and_set_audio(args.key, str(wav), args.chunk_ms)
+    # 2. hit and 3. miss (the cache logs get_audio_chunks_hit/_miss with latency_ms)
+    chunks = await cache.get_audio_chunks(args.key)
+    checks["hit"] = bool(chunks)
+    checks["miss"] = await cache.get_audio_chunks(f"{args.key}:__probe_missing__") is None
+    # 4. text with a TTL, then expiry
+    ttl = max(1, round(args.text_ttl))
+    text_key = "summary:session:probe-cache"
+    checks["text_set"] = await cache.set_text(text_key, "проверка TTL", ttl)
+    checks["text_get"] = await cache.get_text(text_key) == "проверка TTL"
+    emit(log, "text_roundtrip", key=text_key, ttl_seconds=ttl, ok=checks["text_set"] and checks["text_get"])
+    await asyncio.sleep(ttl + 0.2)
+    checks["text_expired"] = await cache.get_text(text_key) is None
+    emit(log, "text_expiry", key=text_key, waited_s=ttl + 0.2, expired=checks["text_expired"])
+    # 5. concurrent streaming reads
+    samples: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        results = await asyncio.gather(
+            *(_bench_stream_read(cache, args.key) for _ in range(args.concurrency))
+        )
+        samples += [r for r in results if r is not None]
+    checks["bench"] = len(samples) == args.rounds * args.concurrency
+    if samples:
+        summary = {
+            f"{metric}_{name}": _percentile([s[metric] for s in samples], q)
+            for metric in ("first_chunk_ms", "stream_ms", "total_ms")
+            for name, q in (("p50", 50), ("p95", 95))
+        }
+        emit(log, "bench_summary", key=args.key, reads=len(samples), concurrency=args.concurrency, **summary)
     ok = all(checks.values())
     _print_json({"event": "probe_done", "ok": ok, "checks": checks})
     return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    """Offline demo: embedded Redis unless told otherwise, shipped fragments, then the cache probe."""
+    if args.redis_url is None:
+        args.embedded_redis = True
+    fragments = _fragments_from(args.fragments or demo_manifest())
+    probe_args = argparse.Namespace(
+        key="static:test_example", wav=None, chunk_ms=args.chunk_ms, concurrency=5, rounds=10, text_ttl=2.0
+    )
+    async with _cache_container(args, "INFO") as container:
+        loaded = await _load_fragments(container, fragments, args.chunk_ms, str(args.fragments or "shipped"))
+        probed = await _probe(container, probe_args)
+    return loaded or probed
 
 
 async def _bench_stream_read(cache: Any, key: str) -> dict[str, float] | None:

@@ -24,7 +24,9 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
     return [getattr(r, FIELDS_ATTR, {}) for r in caplog.records if r.getMessage() == name]
 
 
-def write_wav(path: Path, rate: int = 16_000, channels: int = 1, width: int = 2, nframes: int = 16_000) -> bytes:
+def write_wav(
+    path: Path, rate: int = 16_000, channels: int = 1, width: int = 2, nframes: int = 16_000
+) -> bytes:
     data, pcm = make_wav(rate, channels, width, nframes, seed=len(str(path)))
     path.write_bytes(data)
     return pcm
@@ -128,7 +130,12 @@ async def test_load_logs_spec_c_fields(
         "duration_ms": 500.0,
     }
     (done,) = events(caplog, "warmup_done")
-    assert done["ok"] and done["chunks"] == 25 and done["total_bytes"] == 16_000 and done["sample_rate"] == 16_000
+    assert (
+        done["ok"]
+        and done["chunks"] == 25
+        and done["total_bytes"] == 16_000
+        and done["sample_rate"] == 16_000
+    )
     assert events(caplog, "set_audio_chunks_ok")[0]["chunks"] == 25
 
 
@@ -204,7 +211,9 @@ async def test_miss_returns_none(cache: RedisCacheManager, caplog: pytest.LogCap
     assert events(caplog, "get_audio_chunks_miss")[0]["chunks"] == 0
 
 
-async def test_hit_event_has_latency_and_chunks(cache: RedisCacheManager, caplog: pytest.LogCaptureFixture) -> None:
+async def test_hit_event_has_latency_and_chunks(
+    cache: RedisCacheManager, caplog: pytest.LogCaptureFixture
+) -> None:
     await cache.set_audio_chunks("static:h", [b"a", b"b"])
     caplog.set_level(logging.DEBUG, logger="voxcore")
     await cache.get_audio_chunks("static:h")
@@ -272,21 +281,27 @@ async def test_wrong_type_is_a_soft_error_that_keeps_the_breaker_closed(
 # -- text -------------------------------------------------------------------------------------
 
 
-async def test_text_roundtrip_unicode_and_ttl(cache: RedisCacheManager, raw_redis: redis.Redis, key_prefix: str) -> None:
+async def test_text_roundtrip_unicode_and_ttl(
+    cache: RedisCacheManager, raw_redis: redis.Redis, key_prefix: str
+) -> None:
     assert await cache.set_text("summary:session:t", "Итог: клиент 👍", 100)
     assert await cache.get_text("summary:session:t") == "Итог: клиент 👍"
     assert 0 < await raw_redis.ttl(f"{key_prefix}summary:session:t") <= 100
     assert await cache.get_text("summary:session:none") is None
 
 
-@pytest.mark.parametrize(("text", "ttl"), [("x", 0), ("x", -5), ("x", 1.5), ("x", True), (b"bytes", 10), (None, 10)])
+@pytest.mark.parametrize(
+    ("text", "ttl"), [("x", 0), ("x", -5), ("x", 1.5), ("x", True), (b"bytes", 10), (None, 10)]
+)
 async def test_set_text_refuses_bad_arguments(cache: RedisCacheManager, text: Any, ttl: Any) -> None:
     await cache.set_text("summary:session:k", "old", 100)
     assert await cache.set_text("summary:session:k", text, ttl) is False
     assert await cache.get_text("summary:session:k") == "old"
 
 
-async def test_non_utf8_text_reads_as_none(cache: RedisCacheManager, raw_redis: redis.Redis, key_prefix: str) -> None:
+async def test_non_utf8_text_reads_as_none(
+    cache: RedisCacheManager, raw_redis: redis.Redis, key_prefix: str
+) -> None:
     await raw_redis.set(f"{key_prefix}summary:session:bin", b"\xff\xfe\x00")
     assert await cache.get_text("summary:session:bin") is None
 
@@ -326,7 +341,11 @@ async def test_readers_never_see_a_mix_during_overwrites(cache: RedisCacheManage
 
     async def reader(streaming: bool) -> None:
         while not stop.is_set():
-            chunks = await collect(cache, "static:swap") if streaming else await cache.get_audio_chunks("static:swap")
+            chunks = (
+                await collect(cache, "static:swap")
+                if streaming
+                else await cache.get_audio_chunks("static:swap")
+            )
             assert chunks is not None
             assert chunks in (version_a, version_b), f"mixed read: {len(chunks)} chunks, {set(chunks)!r:.80}"
             seen.append((chunks[0][:1], len(chunks)))

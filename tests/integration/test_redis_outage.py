@@ -19,9 +19,9 @@ def redis_errors(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage() == "redis_error"]
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+async def wait_until(predicate: Any, limit_s: float = 10.0) -> bool:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit_s
     while loop.time() < deadline:
         if await predicate():
             return True
@@ -35,7 +35,9 @@ def make_cache(server: EmbeddedRedis) -> RedisCacheManager:
     )
 
 
-async def test_outage_fails_fast_and_recovers(own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture) -> None:
+async def test_outage_fails_fast_and_recovers(
+    own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = make_cache(own_redis)
     await cache.connect()
     try:

@@ -34,9 +34,17 @@ def test_spec_c_frame_math_for_16k_mono_20ms() -> None:
 
 @pytest.mark.parametrize(
     ("rate", "channels", "width", "expected_bytes"),
-    [(8_000, 1, 1, 160), (16_000, 2, 2, 1280), (48_000, 2, 3, 5760), (44_100, 1, 2, 1764), (22_050, 1, 4, 1764)],
+    [
+        (8_000, 1, 1, 160),
+        (16_000, 2, 2, 1280),
+        (48_000, 2, 3, 5760),
+        (44_100, 1, 2, 1764),
+        (22_050, 1, 4, 1764),
+    ],
 )
-def test_bytes_per_chunk_holds_whole_frames(rate: int, channels: int, width: int, expected_bytes: int) -> None:
+def test_bytes_per_chunk_holds_whole_frames(
+    rate: int, channels: int, width: int, expected_bytes: int
+) -> None:
     plan = plan_chunks(AudioFormat(rate, channels, width), 20)
     assert plan.bytes_per_chunk == expected_bytes
     assert plan.bytes_per_chunk % (channels * width) == 0
@@ -59,7 +67,9 @@ def test_chunk_ms_must_be_positive_int(bad: object) -> None:
     chunk_ms=st.integers(1, 1000),
     nframes=st.integers(0, 5000),
 )
-def test_split_is_lossless_and_frame_aligned(rate: int, channels: int, width: int, chunk_ms: int, nframes: int) -> None:
+def test_split_is_lossless_and_frame_aligned(
+    rate: int, channels: int, width: int, chunk_ms: int, nframes: int
+) -> None:
     fmt = AudioFormat(rate, channels, width)
     plan = plan_chunks(fmt, chunk_ms)
     assert plan.frames_per_chunk == max(1, int(rate * chunk_ms / 1000))

@@ -78,7 +78,12 @@ def test_unknown_env_setting_rejected() -> None:
 
 def test_manifest_parsing() -> None:
     specs = parse_manifest(
-        {"fragments": [{"key": "intro", "file": "a.wav", "transcript": "Ваша"}, {"key": "static:b", "file": "/x/b.wav"}]},
+        {
+            "fragments": [
+                {"key": "intro", "file": "a.wav", "transcript": "Ваша"},
+                {"key": "static:b", "file": "/x/b.wav"},
+            ]
+        },
         PurePath("/m"),
     )
     assert [(s.key, str(s.file), s.transcript) for s in specs] == [

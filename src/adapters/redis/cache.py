@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as redis
 from redis import exceptions as redis_exc
@@ -164,7 +164,7 @@ class RedisCacheManager(AbstractAudioCache):
     async def ping(self) -> bool:
         """True when Redis answers PING now (goes through the breaker like any call)."""
         result = await self._run("ping", "", lambda r: r.ping())
-        return result is not FAILED and bool(result)
+        return not isinstance(result, _Failed) and bool(result)
 
     # -- audio ----------------------------------------------------------------------------------
 
@@ -177,7 +177,9 @@ class RedisCacheManager(AbstractAudioCache):
         """
         return await self._write_audio("set_audio_chunks", key, audio_chunks, None)
 
-    async def set_audio_fragment(self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat) -> bool:
+    async def set_audio_fragment(
+        self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat
+    ) -> bool:
         """Like :meth:`set_audio_chunks`, and store ``audio_format`` in the same transaction."""
         if not isinstance(audio_format, AudioFormat):
             return self._refuse("set_audio_fragment", key, "audio_format must be an AudioFormat")
@@ -186,18 +188,26 @@ class RedisCacheManager(AbstractAudioCache):
     async def get_audio_chunks(self, key: str) -> list[bytes] | None:
         """The whole fragment (``LRANGE 0 -1``), or ``None`` when missing or on a soft failure."""
         if not _valid_key(key):
-            return self._refuse_none("get_audio_chunks", key, "key must be a non-empty string")
+            self._refuse("get_audio_chunks", key, "key must be a non-empty string")
+            return None
         started = time.perf_counter()
         chunks = await self._run("get_audio_chunks", key, lambda r: r.lrange(self._prefix + key, 0, -1))
-        if chunks is FAILED:
+        if isinstance(chunks, _Failed):
             return None
         if not chunks:
-            emit(log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0)
+            emit(
+                log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0
+            )
             return None
         emit(
-            log, "get_audio_chunks_hit", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=len(chunks)
+            log,
+            "get_audio_chunks_hit",
+            logging.DEBUG,
+            key=key,
+            latency_ms=_ms_since(started),
+            chunks=len(chunks),
         )
-        return chunks  # type: ignore[no-any-return]
+        return cast("list[bytes]", chunks)  # decode_responses=False: elements are bytes
 
     async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
         """Start a streaming read: the first command fetches only the first few chunks.
@@ -207,30 +217,34 @@ class RedisCacheManager(AbstractAudioCache):
         :class:`RedisAudioStream`). Returns ``None`` on a miss or soft failure.
         """
         if not _valid_key(key):
-            return self._refuse_none("open_audio_stream", key, "key must be a non-empty string")
+            self._refuse("open_audio_stream", key, "key must be a non-empty string")
+            return None
         started = time.perf_counter()
         head = await self._run(
             "open_audio_stream", key, lambda r: r.lrange(self._prefix + key, 0, self._first_batch - 1)
         )
-        if head is FAILED:
+        if isinstance(head, _Failed):
             return None
         if not head:
-            emit(log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0)
+            emit(
+                log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0
+            )
             return None
         rest: asyncio.Task[tuple[int, list[bytes]] | None] | None = None
         if len(head) == self._first_batch:  # a shorter head is already the whole list
-            rest = self._spawn(self._read_rest(key, head))
-        return RedisAudioStream(self, key, head, rest)
+            rest = self._spawn(self._read_rest(key, cast("list[bytes]", head)))
+        return RedisAudioStream(self, key, cast("list[bytes]", head), rest)
 
     async def get_audio_format(self, key: str) -> AudioFormat | None:
         """The format stored with the fragment, or ``None`` (unknown format, missing key, failure)."""
         if not _valid_key(key):
-            return self._refuse_none("get_audio_format", key, "key must be a non-empty string")
+            self._refuse("get_audio_format", key, "key must be a non-empty string")
+            return None
         fields = await self._run("get_audio_format", key, lambda r: r.hgetall(self._prefix + _META + key))
-        if fields is FAILED or not fields:
+        if isinstance(fields, _Failed) or not fields:
             return None
         try:
-            return AudioFormat.from_fields({k.decode(): v.decode() for k, v in fields.items()})
+            return AudioFormat.from_fields({_text(k): _text(v) for k, v in fields.items()})
         except (DomainError, UnicodeDecodeError) as exc:
             self._log_error("get_audio_format", key, exc)
             return None
@@ -273,7 +287,7 @@ class RedisCacheManager(AbstractAudioCache):
         emit(
             log,
             "warmup_done",
-            level=logging.INFO if ok else logging.ERROR,
+            logging.INFO if ok else logging.ERROR,
             key=key,
             ok=ok,
             chunks=kept,
@@ -308,19 +322,24 @@ class RedisCacheManager(AbstractAudioCache):
         if keys.is_static(key) or keys.is_tts(key):
             return self._refuse("set_text", key, "audio keys (static:*, tts:*) cannot hold text")
         result = await self._run(
-            "set_text", key, lambda r: r.execute_command("SETEX", self._prefix + key, ttl_seconds, text.encode("utf-8"))
+            "set_text",
+            key,
+            lambda r: r.execute_command(  # type: ignore[no-untyped-call]
+                "SETEX", self._prefix + key, ttl_seconds, text.encode("utf-8")
+            ),
         )
-        return result is not FAILED
+        return not isinstance(result, _Failed)
 
     async def get_text(self, key: str) -> str | None:
         """The UTF-8 text at ``key``, or ``None`` (missing, expired, not UTF-8, or a soft failure)."""
         if not _valid_key(key):
-            return self._refuse_none("get_text", key, "key must be a non-empty string")
+            self._refuse("get_text", key, "key must be a non-empty string")
+            return None
         raw = await self._run("get_text", key, lambda r: r.get(self._prefix + key))
-        if raw is FAILED or raw is None:
+        if isinstance(raw, _Failed) or raw is None:
             return None
         try:
-            return raw.decode("utf-8")  # type: ignore[no-any-return]
+            return _text(raw)
         except UnicodeDecodeError as exc:
             self._log_error("get_text", key, exc)
             return None
@@ -335,13 +354,20 @@ class RedisCacheManager(AbstractAudioCache):
         if keys.is_summary(key):
             return self._refuse(op, key, "summary keys hold text, not audio")
         if not isinstance(audio_chunks, list | tuple):
-            return self._refuse(op, key, f"audio_chunks must be a list of bytes, got {type(audio_chunks).__name__}")
+            return self._refuse(
+                op, key, f"audio_chunks must be a list of bytes, got {type(audio_chunks).__name__}"
+            )
         for index, chunk in enumerate(audio_chunks):
             if not isinstance(chunk, _AUDIO_TYPES):
                 return self._refuse(op, key, f"chunk {index} is {type(chunk).__name__}, not bytes")
         if len(audio_chunks) > MAX_CHUNKS:
             emit(
-                log, "audio_chunks_truncated", logging.WARNING, key=key, chunks=len(audio_chunks), kept=MAX_CHUNKS
+                log,
+                "audio_chunks_truncated",
+                logging.WARNING,
+                key=key,
+                chunks=len(audio_chunks),
+                kept=MAX_CHUNKS,
             )
             audio_chunks = audio_chunks[:MAX_CHUNKS]
         started = time.perf_counter()
@@ -358,15 +384,16 @@ class RedisCacheManager(AbstractAudioCache):
             if audio_chunks:
                 pipe.rpush(full, *audio_chunks)
                 if audio_format is not None:
-                    pipe.hset(meta, mapping={**audio_format.to_fields(), "chunks": str(len(audio_chunks))})
+                    fields = {**audio_format.to_fields(), "chunks": str(len(audio_chunks))}
+                    pipe.hset(meta, mapping=cast(Any, fields))
                 if ttl_ms is not None:
                     pipe.pexpire(full, ttl_ms)
                     if audio_format is not None:
                         pipe.pexpire(meta, ttl_ms)
-            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+            return await pipe.execute(raise_on_error=False)
 
         replies = await self._run(op, key, transaction)
-        if replies is FAILED:
+        if isinstance(replies, _Failed):
             return False
         errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
         if errors:
@@ -396,7 +423,7 @@ class RedisCacheManager(AbstractAudioCache):
             lambda r: r.evalsha(_READ_REST_SHA, 2, full, prev, *head),
             script=_READ_REST_LUA,
         )
-        if result is FAILED:
+        if isinstance(result, _Failed):
             return None
         source, tail = result
         return int(source), tail
@@ -453,9 +480,6 @@ class RedisCacheManager(AbstractAudioCache):
         emit(log, "cache_invalid_argument", logging.ERROR, op=op, key=repr(key), error=reason)
         return False
 
-    def _refuse_none(self, op: str, key: object, reason: str) -> None:
-        self._refuse(op, key, reason)
-        return None
 
 
 class RedisAudioStream(AudioChunkStream):
@@ -550,6 +574,11 @@ def _describe_load_error(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"cannot read file: {exc.strerror or exc}"
     return str(exc)
+
+
+def _text(value: bytes | str) -> str:
+    """Decode a reply element (bytes with decode_responses=False); raises UnicodeDecodeError."""
+    return value if isinstance(value, str) else value.decode("utf-8")
 
 
 def _ms_since(started: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -87,7 +88,7 @@ class RedisConfig:
         ``decode_responses=False`` keeps list elements as ``bytes``. Closing the client
         (``aclose()``) also closes the pool.
         """
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "decode_responses": self.decode_responses,
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.socket_connect_timeout,

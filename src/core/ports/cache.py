@@ -98,7 +98,9 @@ class AbstractAudioCache(AbstractCache):
         """
 
     @abc.abstractmethod
-    async def set_audio_fragment(self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat) -> bool:
+    async def set_audio_fragment(
+        self, key: str, audio_chunks: list[bytes], audio_format: AudioFormat
+    ) -> bool:
         """Store chunks together with their format, atomically (``set_audio_chunks`` + format)."""
 
     @abc.abstractmethod

@@ -1,0 +1,46 @@
+# voxcore developer commands. `make demo` and `make test` work on a fresh machine: they create the
+# virtualenv and install what they need (Python >= 3.11 and redis-server on PATH; .ci/run installs it).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.voxcore-installed
+# A strict editable install (a link tree) lets mypy and import-linter see the `voxcore` package
+# mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
+SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
+
+.PHONY: install demo test lint typecheck unit integration bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install --quiet -e ".[test,otel]" --config-settings editable_mode=strict
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/voxcore demo
+
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests bench scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: install
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: install
+	$(BIN)/python bench/bench_cache.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
