@@ -3,3 +3,33 @@
 These are *simulators*: they speak the real wire protocol over real HTTP on 127.0.0.1 but produce
 scripted answers. Nothing in the library's production path imports them.
 """
+
+from voxcore.simulator.openai_server import (
+    CHAT_COMPLETIONS_PATH,
+    DEFAULT_MODELS,
+    EchoReply,
+    Fault,
+    OpenAISimulator,
+    RecordedRequest,
+    ReplyPolicy,
+    ReplyValue,
+    RequestPlan,
+    ScriptedReplies,
+    approx_tokens,
+    schema_example,
+)
+
+__all__ = [
+    "CHAT_COMPLETIONS_PATH",
+    "DEFAULT_MODELS",
+    "EchoReply",
+    "Fault",
+    "OpenAISimulator",
+    "RecordedRequest",
+    "ReplyPolicy",
+    "ReplyValue",
+    "RequestPlan",
+    "ScriptedReplies",
+    "approx_tokens",
+    "schema_example",
+]
