@@ -411,12 +411,29 @@ class RedisCacheManager(AbstractAudioCache):
         return True
 
     async def _read_rest(self, key: str, head: list[bytes]) -> tuple[int, list[bytes]] | None:
-        """The chunks after ``head`` of the version that starts with ``head`` (one atomic script).
+        """The chunks after ``head`` of the version that starts with ``head``.
+
+        Fast path: one MULTI/EXEC re-reads the head and reads the tail; when the head is unchanged,
+        head + tail is one stored version. After a concurrent overwrite (rare) a Lua script looks
+        at the current and the previous version atomically (Lua costs ~3x an LRANGE on big lists,
+        hence not the default path).
 
         Returns ``(1, tail)`` from the current list, ``(2, tail)`` from the retained previous
         version, ``(0, [])`` when neither starts with ``head``, or ``None`` on a soft failure.
         """
-        full, prev = self._prefix + key, self._prefix + _PREV + key
+        full, prev, n = self._prefix + key, self._prefix + _PREV + key, len(head)
+
+        async def snapshot(r: redis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            pipe.lrange(full, 0, n - 1)
+            pipe.lrange(full, n, -1)
+            return await pipe.execute()
+
+        fast = await self._run("open_audio_stream", key, snapshot)
+        if isinstance(fast, _Failed):
+            return None
+        if fast[0] == head:
+            return 1, fast[1]
         result = await self._run(
             "open_audio_stream",
             key,

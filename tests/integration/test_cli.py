@@ -1,0 +1,150 @@
+"""The ``voxcore`` console script, run as a subprocess against real Redis servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.conftest import RedisTarget
+from tests.unit.test_audio_domain import make_wav
+
+VOXCORE = [sys.executable, "-m", "voxcore.entrypoints.cli"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "VOXCORE_"))}
+    return subprocess.run(
+        [*VOXCORE, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout
+    )
+
+
+def json_lines(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines()]  # every stdout line must be JSON
+
+
+def test_load_audio_directory_skips_bad_files(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    for name, frames in (("hello", 16_000), ("bye", 8_001)):
+        (tmp_path / f"{name}.wav").write_bytes(make_wav(16_000, 1, 2, frames)[0])
+    (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEnope")
+    done = run(
+        "load-audio",
+        str(tmp_path),
+        "--redis-url",
+        redis_target.url,
+        env={"VOXCORE_CACHE__KEY_PREFIX": key_prefix},
+    )
+    assert done.returncode == 1  # something failed, and it says what
+    summary = json_lines(done.stdout)[-1]
+    assert summary["event"] == "load_audio_summary"
+    assert (summary["loaded"], summary["failed"]) == (2, 1)
+    assert (
+        summary["failures"][0]["key"] == "static:broken" and "truncated" in summary["failures"][0]["reason"]
+    )
+    assert "[3/3]" in done.stderr  # progress display
+    client = redis.Redis.from_url(redis_target.url)
+    try:
+        assert client.llen(f"{key_prefix}static:hello") == 50
+        assert client.llen(f"{key_prefix}static:bye") == 26
+        assert not client.exists(f"{key_prefix}static:broken")
+        client.delete(*client.keys(f"{key_prefix}*"))
+    finally:
+        client.close()
+
+
+def test_load_audio_manifest_with_missing_file(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "a.wav").write_bytes(make_wav(8_000, 1, 1, 800)[0])
+    manifest = tmp_path / "m.yml"
+    manifest.write_text(
+        "fragments:\n  - {key: a, file: a.wav, transcript: А}\n  - {key: static:b, file: gone.wav}\n"
+    )
+    done = run(
+        "load-audio",
+        str(manifest),
+        "--redis-url",
+        redis_target.url,
+        env={"VOXCORE_CACHE__KEY_PREFIX": key_prefix},
+    )
+    summary = json_lines(done.stdout)[-1]
+    assert (summary["loaded"], summary["failed"]) == (1, 1)
+    assert "file not found" in summary["failures"][0]["reason"]
+    client = redis.Redis.from_url(redis_target.url)
+    try:
+        client.delete(*client.keys(f"{key_prefix}*"))
+    finally:
+        client.close()
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yml"
+    manifest.write_text("fragments:\n  - {file: a.wav}\n")
+    done = run("load-audio", str(manifest), "--embedded-redis")
+    assert done.returncode == 2
+    assert "needs a non-empty 'key'" in json_lines(done.stdout)[-1]["error"]
+
+
+def test_probe_cache_on_embedded_redis(tmp_path: Path) -> None:
+    done = run("probe-cache", "--embedded-redis", "--concurrency", "3", "--rounds", "2")
+    assert done.returncode == 0, done.stderr
+    lines = json_lines(done.stdout)
+    names = [line["event"] for line in lines]
+    for expected in (
+        "embedded_redis_started",
+        "warmup_done",
+        "get_audio_chunks_hit",
+        "get_audio_chunks_miss",
+        "text_roundtrip",
+        "text_expiry",
+        "bench_read_ok",
+        "bench_summary",
+        "probe_done",
+    ):
+        assert expected in names, expected
+    summary = next(line for line in lines if line["event"] == "bench_summary")
+    assert summary["reads"] == 6 and {"first_chunk_ms_p50", "stream_ms_p95", "total_ms_p95"} <= set(summary)
+    warm = next(line for line in lines if line["event"] == "warmup_done")
+    assert warm["ok"] and warm["sample_rate"] == 16_000 and warm["chunks"] == 150
+    done_line = next(line for line in lines if line["event"] == "probe_done")
+    assert done_line["ok"] and all(done_line["checks"].values())
+    assert names[-1] == "embedded_redis_stopped"
+
+
+def test_probe_cache_with_bad_wav_fails_cleanly(tmp_path: Path) -> None:
+    bad = tmp_path / "x.wav"
+    with wave.open(str(bad), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+    done = run("probe-cache", "--embedded-redis", "--wav", str(bad), "--rounds", "1", "--text-ttl", "1")
+    assert done.returncode == 1
+    probe = next(line for line in json_lines(done.stdout) if line["event"] == "probe_done")
+    assert probe["ok"] is False and probe["checks"]["warmup"] is False
+
+
+def test_no_redis_anywhere_says_so(tmp_path: Path) -> None:
+    # an explicit, unreachable location: the CLI must not silently pick another server
+    done = run("probe-cache", "--redis-url", "redis://127.0.0.1:1/0", "--rounds", "1")
+    assert done.returncode == 1
+    assert "does not answer" in json_lines(done.stdout)[-1]["error"]
+
+
+def test_demo_runs_end_to_end() -> None:
+    done = run("demo")
+    assert done.returncode == 0, done.stderr
+    lines = json_lines(done.stdout)
+    summary = next(line for line in lines if line["event"] == "load_audio_summary")
+    assert summary["loaded"] == 4 and summary["failed"] == 0
+    assert lines[-1]["event"] == "embedded_redis_stopped"
+    assert any(line["event"] == "probe_done" and line["ok"] for line in lines)

@@ -1,0 +1,65 @@
+"""The container used exactly as the README shows a host service using it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RedisTarget
+from voxcore.entrypoints.container import Container
+from voxcore.entrypoints.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_host_snippet() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Using it from a host service", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README lost its host-usage example"
+    return match.group(1)
+
+
+def test_readme_host_example_runs_verbatim(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "voxcore.yml"
+    config.write_text(f"redis:\n  url: {redis_target.url}\ncache:\n  key_prefix: '{key_prefix}'\n")
+    snippet = readme_host_snippet()
+    assert 'Container(config_path="/srv/app/voxcore.yml")' in snippet
+    code = snippet.replace("/srv/app/voxcore.yml", str(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "VOXCORE_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Клиент спрашивал о тарифах."
+    # JSON logging went to stderr: the connection event, one object per line
+    assert '"event": "redis_connected"' in done.stderr
+
+
+async def test_container_wires_one_cache_and_closes_it(redis_target: RedisTarget, key_prefix: str) -> None:
+    settings = load_settings(env={"REDIS_URL": redis_target.url, "VOXCORE_CACHE__KEY_PREFIX": key_prefix})
+    container = Container(settings=settings)
+    await container.init_resources()
+    cache = container.cache()
+    assert cache is container.cache()  # one per container (process)
+    assert cache.key_prefix == key_prefix
+    assert await cache.set_text("summary:session:c", "ok", 10)
+    assert await cache.get_text("summary:session:c") == "ok"
+    shutdown = container.shutdown_resources()
+    if shutdown is not None:
+        await shutdown
+    assert cache._redis is None  # closed
+
+
+def test_container_reports_bad_config_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("redis:\n  prot: 1\n")
+    from voxcore.core.ports.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="redis.prot"):
+        Container(config_path=str(bad)).settings()
