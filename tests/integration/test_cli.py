@@ -148,3 +148,10 @@ def test_demo_runs_end_to_end() -> None:
     assert summary["loaded"] == 4 and summary["failed"] == 0
     assert lines[-1]["event"] == "embedded_redis_stopped"
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
+
+
+def test_missing_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:
+    python_dir = str(Path(sys.executable).parent)
+    done = run("probe-cache", "--embedded-redis", env={"PATH": python_dir})
+    assert done.returncode == 2
+    assert "no redis-server binary on PATH" in json_lines(done.stdout)[-1]["error"]

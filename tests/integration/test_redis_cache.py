@@ -484,3 +484,41 @@ async def test_close_is_idempotent_and_calls_after_close_are_soft(
     await cache.close()
     assert await cache.set_text("summary:session:x", "v", 10) is False
     assert any("not connected" in e["error"] for e in events(caplog, "redis_error"))
+
+
+async def test_more_callers_than_connections_queue_instead_of_failing(
+    redis_target: Any, key_prefix: str, raw_redis: redis.Redis
+) -> None:
+    cache = RedisCacheManager(RedisConfig(url=redis_target.url, max_connections=2), key_prefix=key_prefix)
+    await cache.connect()
+    try:
+        chunks = [b"q" * 640] * 2000
+        assert await cache.set_audio_chunks("static:q", chunks)
+        results = await asyncio.gather(*(cache.get_audio_chunks("static:q") for _ in range(30)))
+        assert all(r == chunks for r in results)
+        streams = await asyncio.gather(*(collect(cache, "static:q") for _ in range(10)))
+        assert all(s == chunks for s in streams)
+    finally:
+        await cache.close()
+
+
+async def test_pool_exhaustion_is_a_soft_timeout(
+    redis_target: Any, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = RedisCacheManager(
+        RedisConfig(url=redis_target.url, max_connections=1, pool_timeout=0.05), key_prefix=key_prefix
+    )
+    await cache.connect()
+    try:
+        caplog.set_level(logging.INFO, logger="voxcore")
+        # hold the only slot with a command that blocks on the server for 0.5 s
+        held = asyncio.create_task(
+            cache._run("test_block", "", lambda r: r.blpop([f"{key_prefix}nothing"], 0.5))
+        )
+        await asyncio.sleep(0.05)
+        assert await cache.get_text("summary:session:p") is None
+        assert "pool exhausted" in events(caplog, "redis_error")[-1]["error"]
+        await held
+        assert await cache.set_text("summary:session:p", "free again", 10)  # breaker stayed closed
+    finally:
+        await cache.close()

@@ -118,6 +118,9 @@ class RedisCacheManager(AbstractAudioCache):
         self._clock = clock
         self._redis: redis.Redis | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Bounds in-flight commands to the pool size: a caller beyond it waits (up to
+        # pool_timeout) instead of the pool raising "too many connections".
+        self._slots = asyncio.Semaphore(config.max_connections)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -212,9 +215,10 @@ class RedisCacheManager(AbstractAudioCache):
     async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
         """Start a streaming read: the first command fetches only the first few chunks.
 
-        The rest is fetched in the background at once, in one MULTI/EXEC that also re-reads the
-        head, so the stream can check it is still reading the version it started on (see
-        :class:`RedisAudioStream`). Returns ``None`` on a miss or soft failure.
+        The rest is fetched in the background as soon as the consumer takes the first chunk, in
+        one MULTI/EXEC that also re-reads the head, so the stream can check it is still reading the
+        version it started on (see :class:`RedisAudioStream`). Returns ``None`` on a miss or a soft
+        failure.
         """
         if not _valid_key(key):
             self._refuse("open_audio_stream", key, "key must be a non-empty string")
@@ -230,10 +234,9 @@ class RedisCacheManager(AbstractAudioCache):
                 log, "get_audio_chunks_miss", logging.DEBUG, key=key, latency_ms=_ms_since(started), chunks=0
             )
             return None
-        rest: asyncio.Task[tuple[int, list[bytes]] | None] | None = None
-        if len(head) == self._first_batch:  # a shorter head is already the whole list
-            rest = self._spawn(self._read_rest(key, cast("list[bytes]", head)))
-        return RedisAudioStream(self, key, cast("list[bytes]", head), rest)
+        # A head shorter than the batch is already the whole list: nothing more to fetch.
+        complete = len(head) < self._first_batch
+        return RedisAudioStream(self, key, cast("list[bytes]", head), complete=complete)
 
     async def get_audio_format(self, key: str) -> AudioFormat | None:
         """The format stored with the fragment, or ``None`` (unknown format, missing key, failure)."""
@@ -467,6 +470,22 @@ class RedisCacheManager(AbstractAudioCache):
             retry_ms = round(breaker.retry_in(self._clock()) * 1000, 1)
             self._log_error(op, key, f"Redis unavailable (fast fail; next try in {retry_ms} ms)")
             return FAILED
+        slots = self._slots
+        if slots.locked():  # every connection busy: queue, but not forever
+            try:
+                async with asyncio.timeout(self._config.pool_timeout):
+                    await slots.acquire()
+            except BaseException as exc:
+                breaker.release_trial()
+                if not isinstance(exc, TimeoutError):
+                    raise
+                busy = (
+                    f"all {self._config.max_connections} connections busy for {self._config.pool_timeout} s"
+                )
+                self._log_error(op, key, f"{busy} (pool exhausted)")
+                return FAILED
+        else:
+            await slots.acquire()  # free slot: returns without suspending
         try:
             try:
                 result = await call(client)
@@ -486,6 +505,8 @@ class RedisCacheManager(AbstractAudioCache):
             breaker.record_success()  # the server answered: it is up, the command was wrong
             self._log_error(op, key, exc)
             return FAILED
+        finally:
+            slots.release()
         breaker.record_success()
         return result
 
@@ -498,49 +519,49 @@ class RedisCacheManager(AbstractAudioCache):
         return False
 
 
-
 class RedisAudioStream(AudioChunkStream):
     """A streaming read that never mixes two versions of a fragment.
 
-    The head (first chunks) comes from the opening command; the remainder from one atomic Lua
-    script that takes the tail of whichever version starts with that head: the current list, or
-    the previous version a concurrent overwrite left for open streams. Should neither match (two
-    overwrites within one read), the stream ends after the head and logs
+    The head (first chunks) comes from the opening command. When the consumer takes the first
+    chunk, the remainder is requested in the background (so it overlaps with playing the head and
+    costs nothing before the first chunk): the tail of whichever version starts with that head -
+    the current list, or the previous version a concurrent overwrite left for open streams. Should
+    neither match (two overwrites within one read), the stream ends after the head and logs
     ``audio_stream_version_lost``: a prefix of one version, never a mix.
     """
 
-    def __init__(
-        self,
-        cache: RedisCacheManager,
-        key: str,
-        head: list[bytes],
-        rest: asyncio.Task[tuple[int, list[bytes]] | None] | None,
-    ) -> None:
+    def __init__(self, cache: RedisCacheManager, key: str, head: list[bytes], *, complete: bool) -> None:
         self._cache = cache
         self._key = key
         self._head = head
-        self._rest = rest
+        self._rest: asyncio.Task[tuple[int, list[bytes]] | None] | None = None
         self._buffer = head
         self._index = 0
-        self._tail_loaded = rest is None
+        self._tail_pending = not complete
         self._closed = False
 
     async def __anext__(self) -> bytes:
         if self._closed:
             raise StopAsyncIteration
-        if self._index >= len(self._buffer) and not self._tail_loaded:
-            self._tail_loaded = True
+        if self._index >= len(self._buffer):
+            if not self._tail_pending:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._tail_pending = False
             self._buffer = await self._load_tail()
             self._index = 0
-        if self._index >= len(self._buffer):
-            await self.aclose()
-            raise StopAsyncIteration
+            if not self._buffer:
+                await self.aclose()
+                raise StopAsyncIteration
+        elif self._index == 1 and self._tail_pending and self._rest is None:
+            self._rest = self._cache._spawn(self._cache._read_rest(self._key, self._head))
         chunk = self._buffer[self._index]
         self._index += 1
         return chunk
 
     async def _load_tail(self) -> list[bytes]:
-        assert self._rest is not None
+        if self._rest is None:  # the consumer skipped straight past the head
+            self._rest = self._cache._spawn(self._cache._read_rest(self._key, self._head))
         result = await self._rest
         if result is None:  # a soft failure, already logged
             return []
