@@ -66,6 +66,7 @@ async def test_outage_fails_fast_and_recovers(
 
         await asyncio.to_thread(own_redis.start)
         assert await wait_until(cache.ping)  # recovers by itself: no reconnect call needed
+        assert any(r.getMessage() == "redis_recovered" for r in caplog.records)
         assert await cache.set_text("summary:session:s", "after", 60)
         assert await cache.get_text("summary:session:s") == "after"
         assert await cache.set_audio_chunks("static:a", [b"3"])

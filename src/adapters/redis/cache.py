@@ -43,6 +43,7 @@ _PREV = "voxcore:prev:"
 # (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
 _CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
+_EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
 # The rest of a streamed list, atomically, from whichever version starts with the chunks already
 # yielded (ARGV): the current list (KEYS[1]) or the one it replaced (KEYS[2]).
 _READ_REST_LUA: Final = """
@@ -79,8 +80,8 @@ class RedisCacheManager(AbstractAudioCache):
 
     Every operation is soft: a Redis failure logs one ``redis_error`` event ``{op, key, error}``
     and returns ``False``/``None``. After a connection-level failure a circuit breaker answers
-    further calls at once (no socket timeout per call) and lets one trial call through per window,
-    so the cache recovers by itself when Redis comes back.
+    further calls at once (no socket timeout per call) while one background PING per window finds
+    out whether Redis is back, so the cache recovers by itself.
 
     Args:
         config: Where Redis is and how the client behaves.
@@ -360,9 +361,11 @@ class RedisCacheManager(AbstractAudioCache):
             return self._refuse(
                 op, key, f"audio_chunks must be a list of bytes, got {type(audio_chunks).__name__}"
             )
-        for index, chunk in enumerate(audio_chunks):
-            if not isinstance(chunk, _AUDIO_TYPES):
-                return self._refuse(op, key, f"chunk {index} is {type(chunk).__name__}, not bytes")
+        # C-speed check for the usual case; the per-item scan only runs to name a bad chunk.
+        if not set(map(type, audio_chunks)) <= _EXACT_AUDIO_TYPES:
+            for index, chunk in enumerate(audio_chunks):
+                if not isinstance(chunk, _AUDIO_TYPES):
+                    return self._refuse(op, key, f"chunk {index} is {type(chunk).__name__}, not bytes")
         if len(audio_chunks) > MAX_CHUNKS:
             emit(
                 log,
@@ -407,7 +410,7 @@ class RedisCacheManager(AbstractAudioCache):
             "set_audio_chunks_ok",
             key=key,
             chunks=len(audio_chunks),
-            bytes=sum(len(c) for c in audio_chunks),
+            bytes=sum(map(len, audio_chunks)),
             ttl_ms=ttl_ms,
             latency_ms=_ms_since(started),
         )
@@ -466,19 +469,21 @@ class RedisCacheManager(AbstractAudioCache):
             self._log_error(op, key, "not connected: call connect() first")
             return FAILED
         breaker = self._breaker
-        if not breaker.allow(self._clock()):
-            retry_ms = round(breaker.retry_in(self._clock()) * 1000, 1)
-            self._log_error(op, key, f"Redis unavailable (fast fail; next try in {retry_ms} ms)")
+        if not breaker.is_closed:
+            # Redis was unreachable: answer at once. When the window is over, one background
+            # PING finds out whether it is back, so no caller ever waits on a dead socket.
+            now = self._clock()
+            if breaker.allow(now):
+                self._spawn(self._probe(client))
+            retry_ms = round(breaker.retry_in(now) * 1000, 1)
+            self._log_error(op, key, f"Redis unavailable (fast fail; next probe in {retry_ms} ms)")
             return FAILED
         slots = self._slots
         if slots.locked():  # every connection busy: queue, but not forever
             try:
                 async with asyncio.timeout(self._config.pool_timeout):
                     await slots.acquire()
-            except BaseException as exc:
-                breaker.release_trial()
-                if not isinstance(exc, TimeoutError):
-                    raise
+            except TimeoutError:
                 busy = (
                     f"all {self._config.max_connections} connections busy for {self._config.pool_timeout} s"
                 )
@@ -494,9 +499,6 @@ class RedisCacheManager(AbstractAudioCache):
                     raise
                 await client.script_load(script)
                 result = await call(client)
-        except asyncio.CancelledError:
-            breaker.release_trial()
-            raise
         except _CONNECTION_ERRORS as exc:
             breaker.record_failure(self._clock())
             self._log_error(op, key, exc)
@@ -509,6 +511,20 @@ class RedisCacheManager(AbstractAudioCache):
             slots.release()
         breaker.record_success()
         return result
+
+    async def _probe(self, client: redis.Redis) -> None:
+        """The breaker's trial call: close it if Redis answers, reopen it (longer) if not."""
+        try:
+            await client.ping()
+        except asyncio.CancelledError:
+            self._breaker.release_trial()
+            raise
+        except (*_CONNECTION_ERRORS, redis_exc.RedisError) as exc:
+            self._breaker.record_failure(self._clock())
+            emit(log, "redis_probe_failed", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
+            return
+        self._breaker.record_success()
+        emit(log, "redis_recovered", target=self._config.describe())
 
     def _log_error(self, op: str, key: str, error: object) -> None:
         text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
@@ -534,7 +550,8 @@ class RedisAudioStream(AudioChunkStream):
         self._cache = cache
         self._key = key
         self._head = head
-        self._rest: asyncio.Task[tuple[int, list[bytes]] | None] | None = None
+        self._rest: asyncio.Task[None] | None = None
+        self._fetched: tuple[int, list[bytes]] | None = None
         self._buffer = head
         self._index = 0
         self._tail_pending = not complete
@@ -554,15 +571,21 @@ class RedisAudioStream(AudioChunkStream):
                 await self.aclose()
                 raise StopAsyncIteration
         elif self._index == 1 and self._tail_pending and self._rest is None:
-            self._rest = self._cache._spawn(self._cache._read_rest(self._key, self._head))
+            self._rest = self._cache._spawn(self._fetch_tail())
         chunk = self._buffer[self._index]
         self._index += 1
         return chunk
 
+    async def _fetch_tail(self) -> None:
+        # The result is kept on the stream, not as the task's result: a finished task can outlive
+        # the stream for a loop iteration or two, and must not keep megabytes of chunks alive.
+        self._fetched = await self._cache._read_rest(self._key, self._head)
+
     async def _load_tail(self) -> list[bytes]:
         if self._rest is None:  # the consumer skipped straight past the head
-            self._rest = self._cache._spawn(self._cache._read_rest(self._key, self._head))
-        result = await self._rest
+            self._rest = self._cache._spawn(self._fetch_tail())
+        await self._rest
+        result, self._fetched = self._fetched, None
         if result is None:  # a soft failure, already logged
             return []
         source, tail = result
