@@ -4,6 +4,7 @@ Precedence, lowest to highest: built-in defaults, the YAML file, the ``.env`` fi
 environment. Environment names:
 
 * ``REDIS_URL`` or ``REDIS_HOST``/``REDIS_PORT``/``REDIS_DB``/``REDIS_PASSWORD`` (SPEC-B);
+* ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` (the LLM provider);
 * ``VOXCORE_<SECTION>__<KEY>`` for any other setting, e.g. ``VOXCORE_CACHE__TTS_TTL_SECONDS=3600``.
 """
 
@@ -16,7 +17,16 @@ from typing import Any, Literal
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from voxcore.core.ports.errors import ConfigurationError
 
@@ -28,6 +38,7 @@ _REDIS_ENV = {
     "REDIS_DB": "db",
     "REDIS_PASSWORD": "password",
 }
+_LLM_ENV = {"OPENAI_API_KEY": "api_key", "OPENAI_BASE_URL": "base_url"}
 _PREFIX = "VOXCORE_"
 
 
@@ -67,6 +78,90 @@ class CacheSettings(BaseModel):
     breaker_max_window_ms: PositiveFloat = 2000.0
 
 
+class LLMTimeouts(BaseModel):
+    """HTTP timeouts of LLM requests, in seconds."""
+
+    model_config = _STRICT
+
+    connect_s: PositiveFloat = 3.0
+    write_s: PositiveFloat = 10.0
+    read_s: PositiveFloat = 30.0  # longest silence between two streamed chunks
+    pool_s: PositiveFloat = 5.0
+    first_token_s: PositiveFloat = 15.0  # request sent -> first content token
+
+
+class LLMModels(BaseModel):
+    """Model names per role."""
+
+    model_config = _STRICT
+
+    main: str = "gpt-4o-mini"
+    summary: str = "gpt-4o-mini"
+
+
+class LLMWarmup(BaseModel):
+    """Keeping the provider connection warm between turns."""
+
+    model_config = _STRICT
+
+    interval_s: PositiveFloat = 20.0
+    endpoint: str = "/models"  # a light GET, relative to base_url
+    completion: bool = False  # also send a 1-token completion on every warm-up
+
+
+class LLMSettings(BaseModel):
+    """The OpenAI-compatible provider (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``)."""
+
+    model_config = _STRICT
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    models: LLMModels = Field(default_factory=LLMModels)
+    context_window_tokens: PositiveInt = 128_000
+    max_output_tokens: PositiveInt = 512
+    temperature: float = Field(default=0.3, ge=0.0, le=2.0)
+    http2: bool = True
+    keepalive_expiry_s: PositiveFloat = 90.0  # must outlive warmup.interval_s
+    timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)
+    warmup: LLMWarmup = Field(default_factory=LLMWarmup)
+    structured_output: Literal["json_schema", "instructions"] = "json_schema"
+    stream_usage: bool = True  # ask for usage in the last chunk (stream_options.include_usage)
+    unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
+    prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
+
+    @model_validator(mode="after")
+    def _keepalive_outlives_warmup(self) -> LLMSettings:
+        if self.keepalive_expiry_s <= self.warmup.interval_s:
+            raise ValueError("keepalive_expiry_s must be longer than warmup.interval_s")
+        return self
+
+
+class DualContextSettings(BaseModel):
+    """When the standby context is prepared and handed over."""
+
+    model_config = _STRICT
+
+    warmup_threshold_ratio: float = Field(default=0.6, gt=0.0, lt=1.0)
+    handover_threshold_ratio: float = Field(default=0.8, gt=0.0, le=1.0)
+    recent_messages: int = Field(default=6, ge=0)  # kept verbatim in the standby context
+    hard_limit_ratio: float = Field(default=0.95, gt=0.0, le=1.0)  # oldest turns dropped above this
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DualContextSettings:
+        if not self.warmup_threshold_ratio < self.handover_threshold_ratio <= self.hard_limit_ratio:
+            raise ValueError("need warmup_threshold_ratio < handover_threshold_ratio <= hard_limit_ratio")
+        return self
+
+
+class SummarySettings(BaseModel):
+    """Summaries of the conversation (for the standby context) and their cache."""
+
+    model_config = _STRICT
+
+    ttl_seconds: PositiveInt = 24 * 3600
+    max_output_tokens: PositiveInt = 300
+
+
 class LoggingSettings(BaseModel):
     """JSON logging installed by the container (``configure: false`` leaves the host's set-up alone)."""
 
@@ -83,7 +178,12 @@ class Settings(BaseModel):
 
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    dual_context: DualContextSettings = Field(default_factory=DualContextSettings)
+    summary: SummarySettings = Field(default_factory=SummarySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    #: The folder relative paths in the settings resolve against (the config file's folder).
+    base_dir: str | None = None
 
 
 def load_settings(
@@ -120,6 +220,7 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigurationError(f"config file {path} must hold a mapping at the top level")
         data = loaded
+        data.setdefault("base_dir", str(path.resolve().parent))
         if dotenv_path is None and (path.parent / ".env").is_file():
             dotenv_path = path.parent / ".env"
     variables: dict[str, str] = {}
@@ -145,12 +246,19 @@ def _apply_env(data: dict[str, Any], variables: Mapping[str, str]) -> None:
             raise ConfigurationError(f"settings section {name!r} must be a mapping")
         return current
 
-    for var, field_name in _REDIS_ENV.items():
-        value = variables.get(var)
-        if value:
-            section("redis")[field_name] = value
+    for env_map, name in ((_REDIS_ENV, "redis"), (_LLM_ENV, "llm")):
+        for var, field_name in env_map.items():
+            value = variables.get(var)
+            if value:
+                section(name)[field_name] = value
     for var, value in variables.items():
         if var.startswith(_PREFIX) and "__" in var:
-            section_name, _, key = var[len(_PREFIX) :].lower().partition("__")
-            if section_name and key:
-                section(section_name)[key] = value
+            path = var[len(_PREFIX) :].lower().split("__")  # VOXCORE_LLM__MODELS__MAIN -> llm.models.main
+            if all(path):
+                node = section(path[0])
+                for part in path[1:-1]:
+                    child = node.setdefault(part, {})
+                    if not isinstance(child, dict):
+                        raise ConfigurationError(f"{var}: setting {part!r} is not a section")
+                    node = child
+                node[path[-1]] = value

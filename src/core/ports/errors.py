@@ -3,12 +3,21 @@
 ::
 
     VoxcoreError
-     ├── ConfigurationError          settings missing or invalid (raised at start, never mid-call)
-     └── BackendError (transient?)   a backing service failed
-          └── BackendUnavailableError   cannot be reached right now (transient=True)
+     ├── ConfigurationError            settings missing or invalid (raised at start, never mid-call)
+     └── BackendError (transient?)     a backing service failed
+          ├── BackendUnavailableError     cannot be reached right now            transient
+          └── LLMError                    an LLM provider call failed
+               ├── LLMAuthError              401/403: bad or missing API key
+               ├── LLMModelNotFoundError     404: unknown model
+               ├── LLMBadRequestError        400/422: the request was refused
+               ├── LLMRateLimitedError       429 (``retry_after`` seconds)       transient
+               ├── LLMTimeoutError           connect/read/first-token timeout    transient
+               ├── LLMServerError            5xx (``status``)                    transient
+               └── LLMProtocolError          malformed SSE, stream cut short,
+                                             invalid structured JSON             transient
 
-Later ports (LLM, TTS) extend ``BackendError`` with their own typed errors. The cache port does not
-raise at all (SPEC-A: soft returns); these are for the ports that do.
+The cache port does not raise at all (SPEC-A: soft returns); these are for the ports that do.
+Adapters translate third-party errors at the boundary (``raise LLMTimeoutError(...) from exc``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,60 @@ class BackendError(VoxcoreError):
 
 class BackendUnavailableError(BackendError):
     """The service cannot be reached right now (connection refused, timeout, circuit open)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
+class LLMError(BackendError):
+    """An LLM provider call failed; the turn that made it ends cleanly."""
+
+
+class LLMAuthError(LLMError):
+    """The provider refused the credentials (HTTP 401/403)."""
+
+
+class LLMModelNotFoundError(LLMError):
+    """The provider does not know the requested model (HTTP 404)."""
+
+
+class LLMBadRequestError(LLMError):
+    """The provider refused the request as invalid (HTTP 400/422)."""
+
+
+class LLMRateLimitedError(LLMError):
+    """The provider is rate limiting (HTTP 429).
+
+    Attributes:
+        retry_after: Seconds the provider asked to wait (``Retry-After``), when it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, transient=True)
+        self.retry_after = retry_after
+
+
+class LLMTimeoutError(LLMError):
+    """Connecting, sending, or waiting for the first/next token took too long."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
+class LLMServerError(LLMError):
+    """The provider failed (HTTP 5xx).
+
+    Attributes:
+        status: The HTTP status code.
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message, transient=True)
+        self.status = status
+
+
+class LLMProtocolError(LLMError):
+    """The response broke the protocol: malformed SSE, a stream cut short, or invalid JSON."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=True)
