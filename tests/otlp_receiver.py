@@ -54,7 +54,12 @@ class OTLPReceiver:
                 request = ExportTraceServiceRequest.FromString(body)
                 for resource_spans in request.resource_spans:
                     service = next(
-                        (_value(a.value) for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                        (
+                            _value(a.value)
+                            for a in resource_spans.resource.attributes
+                            if a.key == "service.name"
+                        ),
+                        "",
                     )
                     for scope in resource_spans.scope_spans:
                         for span in scope.spans:
