@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypedDict, get_args
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role: TypeAlias = Literal["user", "assistant", "system"]
 #: Every valid :data:`Role`, in declaration order.
@@ -17,6 +17,10 @@ MIN_AGGRESSION = 0
 MAX_AGGRESSION = 10
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _drop_description(schema: dict[str, Any]) -> None:
+    schema.pop("description", None)
 
 
 class ConversationMessage(TypedDict):
@@ -59,10 +63,13 @@ class LLMStructuredResponse(BaseModel):
         answer: The text to speak.
     """
 
-    is_safe: bool = True
-    aggression_score: int = 0
-    internal_thought: str | None = None
-    answer: str
+    # The class docstring is for developers; keep it out of the JSON schema the LLM reads.
+    model_config = ConfigDict(json_schema_extra=_drop_description)
+
+    is_safe: bool = Field(default=True, description="Whether the user's message is safe to answer normally.")
+    aggression_score: int = Field(default=0, description="Aggression of the user's message, 0 (calm) to 10.")
+    internal_thought: str | None = Field(default=None, description="Private reasoning, never spoken.")
+    answer: str = Field(description="The reply to speak to the user.")
 
     @field_validator("aggression_score")
     @classmethod
