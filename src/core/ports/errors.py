@@ -15,6 +15,7 @@
                ├── LLMServerError            5xx (``status``)                    transient
                └── LLMProtocolError          malformed SSE, stream cut short,
                                              invalid structured JSON             transient
+          └── TTSError                    a speech synthesis failed (``transient`` as the cause)
 
 The cache port does not raise at all (SPEC-A: soft returns); these are for the ports that do.
 Adapters translate third-party errors at the boundary (``raise LLMTimeoutError(...) from exc``).
@@ -104,3 +105,7 @@ class LLMProtocolError(LLMError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=True)
+
+
+class TTSError(BackendError):
+    """Speech synthesis failed; a partially streamed result must not be cached."""
