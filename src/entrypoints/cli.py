@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -22,11 +22,10 @@ from typing import Any
 
 from voxcore.core.domain.keys import static_key
 from voxcore.core.ports.errors import ConfigurationError
+from voxcore.entrypoints import llm_cli
 from voxcore.entrypoints.container import Container
-from voxcore.entrypoints.embedded_redis import EmbeddedRedis, port_answers
-from voxcore.entrypoints.logging import configure_logging
 from voxcore.entrypoints.manifest import read_manifest
-from voxcore.entrypoints.settings import Settings, load_settings
+from voxcore.entrypoints.runtime import open_runtime
 from voxcore.events import emit
 
 log = logging.getLogger("voxcore.cli")
@@ -91,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--chunk-ms", type=int, default=20)
     demo.set_defaults(handler=_demo)
+
+    llm_cli.register(sub, common)
     return parser
 
 
@@ -118,43 +119,13 @@ def _print_json(payload: dict[str, Any]) -> None:
 @asynccontextmanager
 async def _cache_container(args: argparse.Namespace, default_level: str) -> AsyncIterator[Container]:
     """Settings -> Redis location -> container with a connected cache; JSON logs on stdout."""
-    settings = load_settings(args.config)
-    configure_logging(args.log_level or default_level, stream=sys.stdout)
-    embedded: EmbeddedRedis | None = None
-    url = args.redis_url
-    if url is None and (args.embedded_redis or not _redis_known(settings)):
-        embedded = await asyncio.to_thread(lambda: EmbeddedRedis().start())
-        url = embedded.url
-        reason = "requested (--embedded-redis)" if args.embedded_redis else "no Redis configured or answering"
-        emit(log, "embedded_redis_started", url=url, binary=embedded.binary, reason=reason)
-    if url is not None:
-        settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
-    settings = settings.model_copy(
-        update={"logging": settings.logging.model_copy(update={"configure": False})}
-    )  # the CLI already configured logging (on stdout)
-    container = Container(settings=settings)
-    try:
-        await _maybe_await(container.init_resources())
-        try:
-            yield container
-        finally:
-            await _maybe_await(container.shutdown_resources())
-    finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.close)
-            emit(log, "embedded_redis_stopped", url=url)
-
-
-async def _maybe_await(result: Awaitable[Any] | None) -> None:
-    """dependency-injector returns None instead of an awaitable when every resource is sync."""
-    if result is not None:
-        await result
-
-
-def _redis_known(settings: Settings) -> bool:
-    if settings.redis.explicitly_located:
-        return True
-    return port_answers("127.0.0.1", 6379)
+    async with open_runtime(
+        config=args.config,
+        log_level=args.log_level or default_level,
+        redis_url=args.redis_url,
+        embedded_redis=args.embedded_redis,
+    ) as runtime:
+        yield runtime.container
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

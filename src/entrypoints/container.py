@@ -5,23 +5,37 @@ Usage (see the README)::
     container = Container(config_path="/srv/app/voxcore.yml")
     await container.init_resources()      # configures JSON logging, connects the cache
     cache = container.cache()             # one RedisCacheManager per container (process)
-    ...
+    manager = await container.open_conversation("call-42")  # one per phone call, connection warm
+    async for chunk in manager.process_user_turn("Здравствуйте!"):
+        ...
+    await manager.shutdown()
     await container.shutdown_resources()  # closes the cache
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from dependency_injector import containers, providers
 
+from voxcore.adapters.openai.client import OpenAILLMClient
+from voxcore.adapters.openai.config import OpenAIConfig
+from voxcore.adapters.openai.connection import OpenAIConnectionManager
+from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.application.context import LLMContext
+from voxcore.application.dual_context import DualContextController
+from voxcore.application.manager import ConversationManager
+from voxcore.core.domain.dual_context import DualContextPolicy
 from voxcore.core.domain.resilience import CircuitBreaker
+from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import Settings, load_settings
+from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
 
 
 def redis_config_from(settings: Settings) -> RedisConfig:
@@ -57,6 +71,79 @@ def build_cache(settings: Settings, redis_config: RedisConfig) -> RedisCacheMana
     )
 
 
+def openai_config_from(settings: Settings) -> OpenAIConfig:
+    """Translate validated settings into the OpenAI adapter's config."""
+    llm = settings.llm
+    return OpenAIConfig(
+        base_url=llm.base_url,
+        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+        http2=llm.http2,
+        connect_timeout_s=llm.timeouts.connect_s,
+        write_timeout_s=llm.timeouts.write_s,
+        read_timeout_s=llm.timeouts.read_s,
+        pool_timeout_s=llm.timeouts.pool_s,
+        first_token_timeout_s=llm.timeouts.first_token_s,
+        keepalive_expiry_s=llm.keepalive_expiry_s,
+        warmup_interval_s=llm.warmup.interval_s,
+        warmup_endpoint=llm.warmup.endpoint,
+        warmup_completion=llm.warmup.completion,
+        warmup_model=llm.models.main,
+        structured_output=llm.structured_output,
+        stream_usage=llm.stream_usage,
+        max_output_tokens=llm.max_output_tokens,
+        temperature=llm.temperature,
+    )
+
+
+def tokenizer_for(settings: Settings) -> Tokenizer:
+    """The tokenizer of the main model (loaded once per process; see ``make_tokenizer``)."""
+    return make_tokenizer(settings.llm.models.main)
+
+
+def dual_policy_from(settings: Settings) -> DualContextPolicy:
+    """The dual-context thresholds."""
+    d = settings.dual_context
+    return DualContextPolicy(
+        warmup_threshold_ratio=d.warmup_threshold_ratio,
+        handover_threshold_ratio=d.handover_threshold_ratio,
+        hard_limit_ratio=d.hard_limit_ratio,
+    )
+
+
+async def open_conversation(
+    session_id: str,
+    *,
+    connection_factory: Callable[[], OpenAIConnectionManager],
+    manager_factory: Callable[..., ConversationManager],
+) -> ConversationManager:
+    """Build one call's conversation with its connection already open and warm.
+
+    The handshake happens here, before the first turn, so the first turn is as fast as the rest.
+    Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
+    """
+    connection = connection_factory()
+    await connection.start()
+    try:
+        return manager_factory(session_id=session_id, connection_manager=connection)
+    except BaseException:
+        await connection.shutdown()
+        raise
+
+
+@asynccontextmanager
+async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]:
+    """Install the OpenTelemetry SDK when ``telemetry.enabled``; flush and stop it at shutdown."""
+    t = settings.telemetry
+    if not t.enabled:
+        yield None
+        return
+    telemetry = setup_telemetry(t.service_name, t.otlp_endpoint)
+    try:
+        yield telemetry
+    finally:
+        telemetry.shutdown()
+
+
 @asynccontextmanager
 async def connected_cache(cache: RedisCacheManager) -> AsyncIterator[RedisCacheManager]:
     """Connect the cache for the container's lifetime (``init_resources``/``shutdown_resources``)."""
@@ -90,6 +177,12 @@ class Container(containers.DeclarativeContainer):
     Providers:
         cache: The process-wide ``RedisCacheManager`` (``Singleton``), connected by
             ``init_resources()`` and closed by ``shutdown_resources()``.
+        tokenizer, prompts, openai_config: Shared, built once.
+        connection_manager, llm_client, llm_context, dual_context, conversation_manager: one
+            call's objects (``Factory``: a new set per call).
+        open_conversation: ``await container.open_conversation(session_id)`` -> a ready
+            ``ConversationManager`` whose connection is already warm; ``await manager.shutdown()``
+            closes it.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -100,3 +193,43 @@ class Container(containers.DeclarativeContainer):
     redis_config = providers.Singleton(redis_config_from, settings)
     cache = providers.Singleton(build_cache, settings, redis_config)
     cache_connection = providers.Resource(connected_cache, cache)
+    telemetry = providers.Resource(telemetry_setup, settings)
+
+    # LLM: shared pieces
+    prompts = providers.Singleton(load_prompts, settings)
+    tokenizer = providers.Singleton(tokenizer_for, settings)
+    openai_config = providers.Singleton(openai_config_from, settings)
+    dual_policy = providers.Singleton(dual_policy_from, settings)
+
+    # LLM: one call's objects
+    connection_manager = providers.Factory(OpenAIConnectionManager, openai_config)
+    llm_client = providers.Factory(OpenAILLMClient, openai_config)
+    llm_context = providers.Factory(
+        LLMContext,
+        prompts=prompts,
+        tokenizer=tokenizer,
+        context_window_tokens=settings.provided.llm.context_window_tokens,
+    )
+    dual_context = providers.Factory(
+        DualContextController,
+        active=llm_context,
+        policy=dual_policy,
+        recent_messages=settings.provided.dual_context.recent_messages,
+    )
+    conversation_manager = providers.Factory(
+        ConversationManager,
+        connection_manager=connection_manager,
+        llm_client=llm_client,
+        dual_context=dual_context,
+        main_model=settings.provided.llm.models.main,
+        summary_model=settings.provided.llm.models.summary,
+        cache=cache,
+        summary_ttl_seconds=settings.provided.summary.ttl_seconds,
+        summary_max_tokens=settings.provided.summary.max_output_tokens,
+        unsafe_reply=settings.provided.llm.unsafe_reply,
+    )
+    open_conversation = providers.Coroutine(
+        open_conversation,
+        connection_factory=connection_manager.provider,
+        manager_factory=conversation_manager.provider,
+    )

@@ -162,6 +162,16 @@ class SummarySettings(BaseModel):
     max_output_tokens: PositiveInt = 300
 
 
+class TelemetrySettings(BaseModel):
+    """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    service_name: str = "voxcore"
+    otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT, then http://127.0.0.1:4318
+
+
 class LoggingSettings(BaseModel):
     """JSON logging installed by the container (``configure: false`` leaves the host's set-up alone)."""
 
@@ -182,6 +192,7 @@ class Settings(BaseModel):
     dual_context: DualContextSettings = Field(default_factory=DualContextSettings)
     summary: SummarySettings = Field(default_factory=SummarySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     #: The folder relative paths in the settings resolve against (the config file's folder).
     base_dir: str | None = None
 

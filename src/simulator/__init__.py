@@ -5,6 +5,7 @@ scripted answers. Nothing in the library's production path imports them.
 """
 
 from voxcore.simulator.openai_server import (
+    AUDIO_SPEECH_PATH,
     CHAT_COMPLETIONS_PATH,
     DEFAULT_MODELS,
     EchoReply,
@@ -17,9 +18,11 @@ from voxcore.simulator.openai_server import (
     ScriptedReplies,
     approx_tokens,
     schema_example,
+    synthetic_speech,
 )
 
 __all__ = [
+    "AUDIO_SPEECH_PATH",
     "CHAT_COMPLETIONS_PATH",
     "DEFAULT_MODELS",
     "EchoReply",
@@ -32,4 +35,5 @@ __all__ = [
     "ScriptedReplies",
     "approx_tokens",
     "schema_example",
+    "synthetic_speech",
 ]

@@ -1,17 +1,25 @@
-"""OpenAI-compatible HTTP/1.1 server SIMULATOR on 127.0.0.1 (stdlib asyncio streams only)."""
+"""OpenAI-compatible HTTP/1.1 server SIMULATOR on 127.0.0.1 (stdlib asyncio streams only).
+
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE) and ``POST /v1/audio/speech``
+(synthetic speech-like PCM streamed with chunked transfer).
+"""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import logging
 import math
 import random
+import struct
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +30,10 @@ from typing import Any, Self, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "AUDIO_SPEECH_PATH",
     "CHAT_COMPLETIONS_PATH",
     "DEFAULT_MODELS",
+    "DEFAULT_SPEECH_MODELS",
     "EchoReply",
     "Fault",
     "OpenAISimulator",
@@ -31,22 +41,52 @@ __all__ = [
     "ReplyPolicy",
     "ReplyValue",
     "RequestPlan",
+    "SPEECH_MS_PER_CHAR",
+    "SPEECH_SAMPLE_RATE",
+    "SPEECH_VOICES",
     "ScriptedReplies",
     "approx_tokens",
     "schema_example",
+    "synthetic_speech",
 ]
 
 log = logging.getLogger(__name__)
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+AUDIO_SPEECH_PATH = "/v1/audio/speech"
 MODELS_PATH = "/v1/models"
 ADMIN_PREFIX = "/_simulator/"
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "sim-small")
 OWNED_BY = "voxcore-simulator"
+DEFAULT_SPEECH_MODELS: tuple[str, ...] = ("gpt-4o-mini-tts", "tts-1", "tts-1-hd")
+SPEECH_VOICES: tuple[str, ...] = (
+    "alloy",
+    "ash",
+    "ballad",
+    "cedar",
+    "coral",
+    "echo",
+    "fable",
+    "marin",
+    "nova",
+    "onyx",
+    "sage",
+    "shimmer",
+    "verse",
+)
+SPEECH_SAMPLE_RATE = 24_000
+"""Speech audio is 24 kHz mono s16le, like OpenAI's ``pcm`` response format."""
+SPEECH_MS_PER_CHAR = 60.0
+"""Synthetic speech lasts this many milliseconds per input character (at ``speed`` 1.0)."""
 
 _MAX_HEAD_BYTES = 1 << 20
 _MAX_BODY_BYTES = 32 << 20
 _MODEL_CREATED = 1_700_000_000
+_SPEECH_MAX_INPUT_CHARS = 4096
+_SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+_SPEECH_PRODUCED = ("pcm", "wav")
+# Odd on purpose: like the real API, chunk boundaries do not fall on 2-byte frames.
+_DEFAULT_SPEECH_CHUNK_BYTES = 4801
 
 ReplyValue: TypeAlias = str | Mapping[str, Any]
 """What a reply policy returns: plain text, or a mapping serialized verbatim as the JSON content."""
@@ -72,14 +112,17 @@ class Fault(enum.Enum):
     """Read the request, send nothing until the client gives up (or ``stall_s`` / ``stop()``)."""
     STALL = "stall"
     """Send the response headers (and, when streaming, the role chunk plus ``after_chunks`` content
-    chunks), then nothing until the client gives up (or ``stall_s`` / ``stop()``)."""
+    chunks; for speech ``after_chunks`` audio chunks), then nothing until the client gives up (or
+    ``stall_s`` / ``stop()``)."""
     MALFORMED = "malformed"
     """Streaming: after ``after_chunks`` content chunks emit ``data: {"choices": [`` (not JSON), then go on.
-    Non-streaming: a 200 body that is not JSON."""
+    Non-streaming: a 200 body that is not JSON. Speech: one stray byte ends the audio, so the body is
+    not a whole number of 2-byte frames."""
     TRUNCATED = "truncated"
     """Streaming: send ``after_chunks`` content chunks, then close the connection mid-body, with no
     finish chunk and no ``[DONE]`` (``graceful=True`` ends the chunked body cleanly before closing).
-    Non-streaming: send half of the body announced by ``Content-Length``, then close."""
+    Non-streaming: send half of the body announced by ``Content-Length``, then close. Speech: send
+    ``after_chunks`` audio chunks (never all of them), then close mid-body."""
     INVALID_JSON = "invalid_json"
     """A well-formed response whose *content* (the structured answer) is not valid JSON."""
 
@@ -100,7 +143,8 @@ class RequestPlan:
     Attributes:
         fault: The fault to inject, or ``None`` for a normal answer (e.g. a timing-only plan).
         path: Only requests to this path consume the plan (``None``: any path). Defaults to chat completions
-            so that warm-up pings such as ``GET /v1/models`` do not eat faults meant for the chat call.
+            so that warm-up pings such as ``GET /v1/models`` do not eat faults meant for the chat call;
+            ``AUDIO_SPEECH_PATH`` targets speech requests.
         retry_after: Seconds for ``Retry-After`` (RATE_LIMIT defaults to 1; SERVICE_UNAVAILABLE sends it only
             when set).
         after_chunks: Content chunks sent before a STALL / MALFORMED / TRUNCATED fault strikes.
@@ -111,6 +155,7 @@ class RequestPlan:
         inter_chunk_delay_ms: Delay between streamed content chunks.
         chars_per_chunk: Characters per content delta, or an inclusive ``(min, max)`` range.
         reply: Overrides the reply policy for this request (text or a mapping serialized as JSON).
+        speech_chunk_bytes: Bytes per chunk of a speech response body.
     """
 
     fault: Fault | None = None
@@ -124,6 +169,7 @@ class RequestPlan:
     inter_chunk_delay_ms: float | None = None
     chars_per_chunk: int | tuple[int, int] | None = None
     reply: ReplyValue | None = None
+    speech_chunk_bytes: int | None = None
 
     def matches(self, path: str) -> bool:
         """Return whether a request to ``path`` consumes this plan."""
@@ -188,6 +234,62 @@ def _json_or_none(raw: bytes) -> Any:
 def approx_tokens(text: str) -> int:
     """Approximate token count used by the simulator: ~4 characters per token (0 for empty text)."""
     return math.ceil(len(text) / 4) if text else 0
+
+
+@functools.lru_cache(maxsize=16)
+def _syllables(frames: int) -> tuple[bytes, ...]:
+    """Four voiced syllables of ``frames`` samples (24 kHz s16le) at different pitches, built once per length.
+
+    Each is a falling-pitch tone with five harmonics under an attack/release envelope, so that a run of
+    syllables has the rhythm and spectrum of speech and no clicks at the joins.
+    """
+    attack = max(1, min(frames // 4, SPEECH_SAMPLE_RATE * 8 // 1000))
+    release = max(1, min(frames // 3, SPEECH_SAMPLE_RATE * 20 // 1000))
+    harmonics = ((1, 1.0), (2, 0.55), (3, 0.35), (4, 0.2), (5, 0.1))
+    norm = sum(amp for _, amp in harmonics)
+    out: list[bytes] = []
+    for f0 in (118.0, 131.0, 147.0, 165.0):
+        samples = array.array("h", bytes(2 * frames))
+        phase = 0.0
+        for n in range(frames):
+            # Pitch glides down by 10% over the syllable, as in a declarative intonation.
+            phase += 2.0 * math.pi * f0 * (1.0 - 0.1 * n / frames) / SPEECH_SAMPLE_RATE
+            if n < attack:
+                env = math.sin(0.5 * math.pi * n / attack) ** 2
+            elif n >= frames - release:
+                env = math.sin(0.5 * math.pi * (frames - 1 - n) / release) ** 2
+            else:
+                env = 1.0
+            value = sum(amp * math.sin(k * phase) for k, amp in harmonics) / norm
+            samples[n] = round(10_000 * env * value)
+        if sys.byteorder == "big":
+            samples.byteswap()
+        out.append(samples.tobytes())
+    return tuple(out)
+
+
+def synthetic_speech(text: str, *, speed: float = 1.0) -> bytes:
+    """Deterministic speech-like PCM for ``text``: 24 kHz mono s16le, ``SPEECH_MS_PER_CHAR`` per character.
+
+    Letters and digits are voiced syllables (pitch chosen by the character), everything else is silence,
+    so the duration is exactly ``len(text) * round(24000 * 0.060 / speed)`` frames.
+    """
+    frames = max(1, round(SPEECH_SAMPLE_RATE * SPEECH_MS_PER_CHAR / 1000.0 / speed))
+    voiced = _syllables(frames)
+    silence = bytes(2 * frames)
+    return b"".join(voiced[ord(ch) % len(voiced)] if ch.isalnum() else silence for ch in text)
+
+
+def _wav_header(nbytes: int) -> bytes:
+    """A 44-byte RIFF/WAVE header for ``nbytes`` of 24 kHz mono s16le PCM."""
+    rate, channels, width = SPEECH_SAMPLE_RATE, 1, 2
+    return (
+        struct.pack("<4sI4s", b"RIFF", 36 + nbytes, b"WAVE")
+        + struct.pack(
+            "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * channels * width, channels * width, 16
+        )
+        + struct.pack("<4sI", b"data", nbytes)
+    )
 
 
 def _text_of(content: Any) -> str:
@@ -490,7 +592,11 @@ def _retry_after_headers(seconds: float) -> list[tuple[str, str]]:
 
 
 class OpenAISimulator:
-    """A local SIMULATOR of the OpenAI HTTP API (``/v1/models``, ``/v1/chat/completions``) on 127.0.0.1.
+    """A local SIMULATOR of the OpenAI HTTP API on 127.0.0.1.
+
+    Routes: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/audio/speech`` (``response_format`` ``pcm``
+    or ``wav``: synthetic speech-like audio from ``synthetic_speech``, streamed in ``speech_chunk_bytes``
+    chunks; ``first_token_delay_ms`` delays the first byte, ``inter_chunk_delay_ms`` separates chunks).
 
     It speaks real HTTP/1.1 (keep-alive, ``Content-Length`` or chunked bodies, SSE streaming, OpenAI error
     bodies and status codes) but answers from a reply policy, with tunable timing and injectable faults.
@@ -514,6 +620,8 @@ class OpenAISimulator:
         idle_timeout_s: Close keep-alive connections idle for this long (``None``: never).
         history_limit: How many ``RecordedRequest`` to keep in ``requests``.
         seed: Seed for the chunk-size generator.
+        speech_models: Model ids accepted by ``/v1/audio/speech`` (not listed by ``/v1/models``).
+        speech_chunk_bytes: Bytes per chunk of a speech body (odd by default: chunks split frames).
     """
 
     def __init__(
@@ -532,7 +640,11 @@ class OpenAISimulator:
         idle_timeout_s: float | None = 75.0,
         history_limit: int = 1000,
         seed: int = 0,
+        speech_models: Sequence[str] = DEFAULT_SPEECH_MODELS,
+        speech_chunk_bytes: int = _DEFAULT_SPEECH_CHUNK_BYTES,
     ) -> None:
+        if speech_chunk_bytes < 1:
+            raise ValueError(f"speech_chunk_bytes must be positive, got {speech_chunk_bytes}")
         self.host = host
         self._requested_port = port
         self.api_key = api_key
@@ -544,6 +656,8 @@ class OpenAISimulator:
         self.early_headers = early_headers
         self.answer_field = answer_field
         self.idle_timeout_s = idle_timeout_s
+        self.speech_models: list[str] = list(speech_models)
+        self.speech_chunk_bytes = speech_chunk_bytes
         self.default_plan: RequestPlan | None = None
 
         self.requests_by_path: collections.Counter[str] = collections.Counter()
@@ -782,7 +896,9 @@ class OpenAISimulator:
         finally:
             self._connections.pop(conn.id, None)
             writer.close()
-            with contextlib.suppress(Exception):
+            # stop() may cancel this task while it waits here; ending cancelled would make asyncio's
+            # stream callback (task.exception()) log a spurious "Exception in callback" on 3.11.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _serve_connection(
@@ -1040,6 +1156,8 @@ class OpenAISimulator:
             route, model_id = "model", path[len(MODELS_PATH) + 1 :]
         elif method == "POST" and path == CHAT_COMPLETIONS_PATH:
             route = "chat"
+        elif method == "POST" and path == AUDIO_SPEECH_PATH:
+            route = "speech"
         else:
             message = f"Invalid URL ({req.method} {req.path})"
             return await self._send_error(writer, req, 404, message, "invalid_request_error", None)
@@ -1069,6 +1187,8 @@ class OpenAISimulator:
                     "model",
                 )
             return await self._send_json_with_fault(reader, writer, req, self._model_object(model_id), plan)
+        if route == "speech":
+            return await self._speech(req, reader, writer, plan)
         return await self._chat(req, reader, writer, plan)
 
     def _model_object(self, model_id: str) -> dict[str, Any]:
@@ -1251,6 +1371,18 @@ class OpenAISimulator:
             },
         }
 
+    async def _bad_json(self, writer: asyncio.StreamWriter, req: _Request) -> bool:
+        return await self._send_error(
+            writer,
+            req,
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was "
+            "not valid JSON.)",
+            "invalid_request_error",
+            None,
+        )
+
     async def _chat(
         self,
         req: _Request,
@@ -1261,16 +1393,7 @@ class OpenAISimulator:
         try:
             body = json.loads(req.body)
         except ValueError:
-            return await self._send_error(
-                writer,
-                req,
-                400,
-                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
-                "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was "
-                "not valid JSON.)",
-                "invalid_request_error",
-                None,
-            )
+            return await self._bad_json(writer, req)
         invalid = self._validate_chat(body)
         if invalid is not None:
             status, message, param, code = invalid
@@ -1412,5 +1535,125 @@ class OpenAISimulator:
             tail.append(_sse(usage_chunk))
         tail.append(b"data: [DONE]\n\n")
         await out.send(*tail)
+        await out.finish()
+        return keep_alive
+
+    # ------------------------------------------------------------------------------------ speech
+
+    def _validate_speech(self, body: Any) -> tuple[int, str, str | None, str | None] | None:
+        """Return ``(status, message, param, code)`` for an invalid speech request, else ``None``."""
+        if not isinstance(body, dict):
+            return 400, "Invalid type for request body: expected an object.", None, "invalid_type"
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return 400, "you must provide a model parameter", "model", None
+        text = body.get("input")
+        if text is None:
+            return 400, "Missing required parameter: 'input'.", "input", "missing_required_parameter"
+        if not isinstance(text, str):
+            return 400, "Invalid type for 'input': expected a string.", "input", "invalid_type"
+        if not text:
+            msg = (
+                "Invalid 'input': string too short. Expected a string with minimum length 1, "
+                "but got an empty string instead."
+            )
+            return 400, msg, "input", "string_below_min_length"
+        if len(text) > _SPEECH_MAX_INPUT_CHARS:
+            msg = (
+                f"Invalid 'input': string too long. Expected a string with maximum length "
+                f"{_SPEECH_MAX_INPUT_CHARS}, but got a string with length {len(text)} instead."
+            )
+            return 400, msg, "input", "string_above_max_length"
+        voice = body.get("voice")
+        if voice is None:
+            return 400, "Missing required parameter: 'voice'.", "voice", "missing_required_parameter"
+        if voice not in SPEECH_VOICES:
+            supported = ", ".join(f"'{v}'" for v in SPEECH_VOICES)
+            msg = f"Invalid value for 'voice' = {voice!r}. Supported values are: {supported}."
+            return 400, msg, "voice", "invalid_value"
+        fmt = body.get("response_format", "mp3")
+        if fmt not in _SPEECH_FORMATS:
+            supported = ", ".join(f"'{f}'" for f in _SPEECH_FORMATS)
+            msg = f"Invalid value for 'response_format' = {fmt!r}. Supported values are: {supported}."
+            return 400, msg, "response_format", "invalid_value"
+        if fmt not in _SPEECH_PRODUCED:
+            msg = f"response_format {fmt!r} is not produced by the voxcore simulator: use 'pcm' or 'wav'."
+            return 400, msg, "response_format", "unsupported_value"
+        stream_format = body.get("stream_format", "audio")
+        if stream_format != "audio":
+            msg = f"stream_format {stream_format!r} is not produced by the voxcore simulator: use 'audio'."
+            return 400, msg, "stream_format", "unsupported_value"
+        speed = body.get("speed", 1.0)
+        if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4.0:
+            msg = f"Invalid 'speed': expected a number between 0.25 and 4.0, got {speed!r}."
+            return 400, msg, "speed", "invalid_value"
+        if model not in self.speech_models:
+            msg = f"The model `{model}` does not exist or you do not have access to it."
+            return 404, msg, None, "model_not_found"
+        return None
+
+    async def _speech(
+        self,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        plan: RequestPlan | None,
+    ) -> bool:
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            return await self._bad_json(writer, req)
+        invalid = self._validate_speech(body)
+        if invalid is not None:
+            status, message, param, code = invalid
+            return await self._send_error(writer, req, status, message, "invalid_request_error", code, param)
+        fmt = body.get("response_format")
+        pcm = synthetic_speech(body["input"], speed=float(body.get("speed", 1.0)))
+        audio = _wav_header(len(pcm)) + pcm if fmt == "wav" else pcm
+        fault = plan.fault if plan is not None else None
+        if fault is Fault.MALFORMED:
+            audio += b"\x00"
+        size = self.speech_chunk_bytes
+        if plan is not None and plan.speech_chunk_bytes is not None:
+            size = max(1, plan.speech_chunk_bytes)
+        pieces = [audio[i : i + size] for i in range(0, len(audio), size)]
+        timing = self._timing(plan)
+
+        chunked = req.version != "HTTP/1.0"
+        keep_alive = req.keep_alive and chunked and fault is not Fault.TRUNCATED and fault is not Fault.STALL
+        headers = [("Content-Type", "audio/wav" if fmt == "wav" else "audio/pcm")]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        head = self._head(req, 200, headers, keep_alive=keep_alive)
+        out = _Body(writer, chunked)
+        if self.early_headers:
+            writer.write(head)
+            await writer.drain()
+            head = b""
+        if timing.first_token_delay_ms > 0:
+            await asyncio.sleep(timing.first_token_delay_ms / 1000)
+        writer.write(head)
+
+        after = len(pieces)
+        if plan is not None and fault in (Fault.STALL, Fault.TRUNCATED):
+            after = _DEFAULT_AFTER_CHUNKS[fault] if plan.after_chunks is None else max(0, plan.after_chunks)
+        if fault is Fault.TRUNCATED:
+            after = min(after, max(0, len(pieces) - 1))  # never deliver the whole audio
+        for i, piece in enumerate(pieces):
+            if i == after:
+                break
+            if i > 0 and timing.inter_chunk_delay_ms > 0:
+                await asyncio.sleep(timing.inter_chunk_delay_ms / 1000)
+            await out.send(piece)
+        if fault is Fault.STALL:
+            await writer.drain()
+            await self._stall(reader, plan.stall_s if plan is not None else None)
+            return False
+        if fault is Fault.TRUNCATED:
+            if plan is not None and plan.graceful:
+                await out.finish()
+            else:
+                await writer.drain()
+            return False
         await out.finish()
         return keep_alive

@@ -1,0 +1,636 @@
+"""``OpenAILLMClient``: streams a structured answer from ``/chat/completions`` with the metadata first."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import httpx
+from opentelemetry import metrics, trace
+from pydantic import BaseModel, ValidationError
+
+from voxcore.adapters.openai._errors import error_for_exception, error_for_status, provider_message
+from voxcore.adapters.openai.config import OpenAIConfig
+from voxcore.adapters.openai.connection import DURATION_BUCKETS, connection_reused
+from voxcore.core.domain.models import (
+    MAX_AGGRESSION,
+    MIN_AGGRESSION,
+    ConversationMessage,
+    LLMStreamChunk,
+    json_schema_for,
+)
+from voxcore.core.domain.structured import (
+    FieldValue,
+    ObjectComplete,
+    StructuredStreamError,
+    StructuredStreamParser,
+    TextComplete,
+    TextDelta,
+)
+from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMTimeoutError
+from voxcore.core.ports.llm import AbstractLLMClient, GenerationResult, Prompt, TokenUsage
+from voxcore.events import emit
+
+log = logging.getLogger("voxcore.llm.client")
+
+_tracer = trace.get_tracer("voxcore.llm")
+_meter = metrics.get_meter("voxcore.llm")
+_OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
+_TIME_TO_FIRST_CHUNK: Final = "gen_ai.client.operation.time_to_first_chunk"
+
+CHAT_PATH: Final = "/chat/completions"
+#: Top-level field of the structured answer whose text is streamed.
+STREAM_FIELD: Final = "answer"
+#: Fields the first yielded chunk carries (when the response model declares them).
+METADATA_FIELDS: Final = ("is_safe", "aggression_score")
+# Once the JSON answer is complete, the rest of the stream (finish and usage chunks, ``[DONE]``, the end of
+# the body, read so the connection returns to the pool) may take this long: a server that stalls there
+# costs the connection and the usage figures, never the end of the turn.
+_TAIL_S: Final = 1.0
+_DEBUG: Final = logging.DEBUG
+
+
+def _histograms(meter: metrics.Meter) -> tuple[metrics.Histogram, metrics.Histogram]:
+    duration = meter.create_histogram(
+        _OPERATION_DURATION,
+        unit="s",
+        description="GenAI operation duration.",
+        explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+    )
+    ttfc = meter.create_histogram(
+        _TIME_TO_FIRST_CHUNK,
+        unit="s",
+        description="Time to receive the first chunk of a streamed GenAI response.",
+        explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+    )
+    return duration, ttfc
+
+
+# The API's proxy meter: instruments bind to the real provider once a host installs one.
+_operation_duration, _time_to_first_chunk = _histograms(_meter)
+
+
+@functools.lru_cache(maxsize=64)
+def _response_format(response_model: type[BaseModel]) -> dict[str, Any]:
+    """``response_format`` of a model, built once per model (it is never mutated)."""
+    return json_schema_for(response_model)
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata_defaults(response_model: type[BaseModel]) -> dict[str, object]:
+    """The metadata fields ``response_model`` declares, with the value to use when one never arrives."""
+    defaults: dict[str, object] = {}
+    for name in METADATA_FIELDS:
+        info = response_model.model_fields.get(name)
+        if info is not None:
+            defaults[name] = None if info.is_required() else info.get_default(call_default_factory=True)
+    return defaults
+
+
+def _is_safe_value(value: object, default: object) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    return default if isinstance(default, bool) else None
+
+
+def _aggression_value(value: object, default: object) -> int | None:
+    # As the response model does: integral numbers are accepted and clamped to the domain's range.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return min(max(value, MIN_AGGRESSION), MAX_AGGRESSION)
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
+
+
+def _messages(prompt: Prompt) -> list[ConversationMessage]:
+    if isinstance(prompt, str):
+        return [ConversationMessage(role="user", content=prompt)]
+    return list(prompt)
+
+
+def _first_choice(obj: object) -> dict[str, Any] | None:
+    """``choices[0]`` of a chunk when it is a dict (slow path: chunks without a content delta)."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return None
+
+
+def _token_usage(raw: object) -> TokenUsage | None:
+    if not isinstance(raw, dict):
+        return None
+    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return TokenUsage(input_tokens=prompt, output_tokens=completion)
+    return None
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
+    """Chat-completions client for OpenAI-compatible providers, built for the voice hot path.
+
+    :meth:`stream_structured_generate` POSTs a streamed request, parses the SSE lines as they arrive and
+    feeds the content deltas to a :class:`~voxcore.core.domain.structured.StructuredStreamParser`. The
+    first yielded chunk carries the safety metadata (``is_safe``, ``aggression_score``); answer deltas
+    that arrive before it are held back until the metadata is known (or the object completed; then the
+    response model's defaults fill in). The last chunk has ``is_final_chunk=True``; by then the response is
+    closed, telemetry recorded and :attr:`last_result` set. Per chunk the work is: prefix check,
+    ``json.loads``, a few dict lookups, one parser feed, one :class:`LLMStreamChunk`.
+
+    Failures raise a typed ``LLMError`` (see ``voxcore.adapters.openai._errors``); the response is closed
+    in every case (also when the consumer stops early: close the generator, e.g. with
+    ``contextlib.aclosing``), one ``llm_error`` event is logged and :attr:`last_result` keeps its value.
+    Timeouts: ``first_token_timeout_s`` bounds request sent -> first content token; after that httpx's
+    read timeout bounds the silence between chunks.
+
+    Args:
+        config: Provider and request settings.
+        clock: Seconds for durations (``time.perf_counter``; injectable for tests).
+        tracer: OpenTelemetry tracer (defaults to the ``voxcore.llm`` tracer of the global provider).
+        meter: OpenTelemetry meter (defaults to the ``voxcore.llm`` meter of the global provider).
+
+    Events (logger ``voxcore.llm.client``): ``request_send`` ``{model, ts, stream, messages}``,
+    ``first_token`` ``{ttft_ms}``, ``chunk`` ``{seq, size}`` (DEBUG), ``stream_end`` ``{total_ms, chunks,
+    ttft_ms, input_tokens, output_tokens, finish_reason, connection_reused}``, ``completion_done``
+    ``{ms, input_tokens, output_tokens}``, ``llm_error`` ``{error_type, status, message, model}``.
+    """
+
+    def __init__(
+        self,
+        config: OpenAIConfig,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        tracer: trace.Tracer | None = None,
+        meter: metrics.Meter | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._tracer = tracer or _tracer
+        if meter is None:
+            self._duration, self._ttfc = _operation_duration, _time_to_first_chunk
+        else:
+            self._duration, self._ttfc = _histograms(meter)
+        self._server: dict[str, str | int] = {
+            "server.address": config.server_address,
+            "server.port": config.server_port,
+        }
+        self._last_result: GenerationResult | None = None
+
+    @property
+    def config(self) -> OpenAIConfig:
+        """The settings this client was built with."""
+        return self._config
+
+    @property
+    def last_result(self) -> GenerationResult | None:
+        """The result of the most recent successful stream (``None`` before any)."""
+        return self._last_result
+
+    def _attributes(self, model: str, *, stream: bool, max_tokens: int) -> dict[str, Any]:
+        config = self._config
+        return {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": config.provider_name,
+            "gen_ai.request.model": model,
+            "gen_ai.request.stream": stream,
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": config.temperature,
+            **self._server,
+        }
+
+    def _metric_attributes(self, model: str, error_type: str | None = None) -> dict[str, str | int]:
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": self._config.provider_name,
+            "gen_ai.request.model": model,
+            **self._server,
+        }
+        if error_type is not None:
+            attributes["error.type"] = error_type
+        return attributes
+
+    def _failed(
+        self,
+        span: trace.Span,
+        error: LLMError,
+        *,
+        model: str,
+        status: int | None,
+        elapsed_s: float,
+    ) -> None:
+        """Log, trace and measure one failed request."""
+        error_type = str(status) if status is not None and status >= 400 else type(error).__name__
+        span.set_status(trace.StatusCode.ERROR, str(error))
+        span.set_attribute("error.type", error_type)
+        span.record_exception(error)
+        self._duration.record(elapsed_s, self._metric_attributes(model, error_type))
+        emit(
+            log,
+            "llm_error",
+            logging.ERROR,
+            error_type=type(error).__name__,
+            status=status,
+            message=str(error),
+            model=model,
+        )
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    async def stream_structured_generate(
+        self,
+        http_client: httpx.AsyncClient,
+        full_prompt: Prompt,
+        model: str,
+        response_model: type[BaseModel],
+    ) -> AsyncIterator[LLMStreamChunk]:
+        """Stream ``response_model``'s ``answer`` as it is generated, safety metadata first.
+
+        Args:
+            http_client: A client whose ``base_url`` is the provider's API root (e.g. from
+                :meth:`OpenAIConnectionManager.get_client`).
+            full_prompt: Chat messages, or one text sent as a single user message.
+            model: The model to ask.
+            response_model: The structured answer's model; ``json_schema`` mode sends its strict schema.
+
+        Yields:
+            A metadata chunk (``text_chunk=""``, ``is_safe``, ``aggression_score``), one chunk per answer
+            delta, then ``LLMStreamChunk("", is_final_chunk=True)``.
+
+        Raises:
+            LLMAuthError, LLMModelNotFoundError, LLMBadRequestError, LLMRateLimitedError, LLMServerError:
+                the provider refused the request (HTTP status).
+            LLMTimeoutError: connecting, the first token or a later chunk took too long.
+            LLMProtocolError: malformed SSE, a stream cut short, or an answer that is not valid JSON of
+                ``response_model``.
+        """
+        config = self._config
+        messages = _messages(full_prompt)
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": config.max_output_tokens,
+            "temperature": config.temperature,
+        }
+        if config.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        if config.structured_output == "json_schema":
+            body["response_format"] = _response_format(response_model)
+        defaults = _metadata_defaults(response_model)
+
+        clock = self._clock
+        span = self._tracer.start_span(
+            f"chat {model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes=self._attributes(model, stream=True, max_tokens=config.max_output_tokens),
+        )
+        parser = StructuredStreamParser(STREAM_FIELD)
+        feed = parser.feed
+        loads = json.loads
+        debug = log.isEnabledFor(_DEBUG)
+        missing = set(defaults)  # metadata fields not received yet
+        received: dict[str, object] = {}
+        pending: list[str] = []  # answer deltas held back until the metadata chunk is out
+        meta_sent = False
+        completed = False
+        answer: str | None = None
+        chunks = 0
+        first_at: float | None = None
+        usage_raw: object = None
+        last_content: dict[str, Any] | None = None  # the last chunk that carried content
+        finish_reason: str | None = None
+        response_name: str | None = None
+        refusal: list[str] = []
+        status: int | None = None
+        reused: bool | None = None
+        error: LLMError | None = None
+        done = False
+        tail_armed = False
+        succeeded = False
+        what = f"POST {CHAT_PATH}"
+
+        emit(log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages))
+        sent = clock()
+        try:
+            try:
+                # Armed until the first content token, and again for the tail once the answer is complete;
+                # never while chunks are yielded, so it cannot cancel the consumer's code between two chunks.
+                async with asyncio.timeout(config.first_token_timeout_s) as first_token_deadline:
+                    async with http_client.stream("POST", CHAT_PATH, json=body) as response:
+                        status = response.status_code
+                        reused = connection_reused(response)
+                        if not response.is_success:
+                            await response.aread()
+                            raise error_for_status(
+                                status, response.content, response.headers, what=what, model=model
+                            )
+                        lines = response.aiter_lines()
+                        try:
+                            async for line in lines:
+                                if line.startswith("data: "):
+                                    data = line[6:]
+                                elif line.startswith("data:"):
+                                    data = line[5:]
+                                else:
+                                    continue  # blank line, ": comment", "event:", "id:", "retry:"
+                                if data == "[DONE]":
+                                    done = True
+                                    break
+                                try:
+                                    obj = loads(data)
+                                except ValueError as exc:
+                                    raise LLMProtocolError(
+                                        f"{what}: malformed SSE data from the provider: {data[:200]!r}"
+                                    ) from exc
+                                try:
+                                    choice = obj["choices"][0]
+                                    content = choice["delta"].get("content")
+                                except (KeyError, IndexError, TypeError, AttributeError):
+                                    content = None
+                                    choice = _first_choice(obj)
+                                    if not isinstance(obj, dict):
+                                        raise LLMProtocolError(
+                                            f"{what}: SSE data is not a JSON object: {data[:200]!r}"
+                                        ) from None
+                                    if obj.get("error") is not None:
+                                        message = provider_message(json.dumps(obj).encode())
+                                        raise LLMProtocolError(
+                                            f"{what} (model {model}): the provider reported an error "
+                                            f"mid-stream: {message}"
+                                        ) from None
+                                if content:
+                                    if first_at is None:
+                                        first_at = clock()
+                                        first_token_deadline.reschedule(None)
+                                        ttft_s = first_at - sent
+                                        span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
+                                        self._ttfc.record(ttft_s, self._metric_attributes(model))
+                                        emit(log, "first_token", ttft_ms=round(ttft_s * 1000, 3), model=model)
+                                    chunks += 1
+                                    if debug:
+                                        emit(log, "chunk", _DEBUG, seq=chunks, size=len(content))
+                                    for event in feed(content):
+                                        if isinstance(event, TextDelta):
+                                            if meta_sent:
+                                                yield LLMStreamChunk(event.text)
+                                            else:
+                                                pending.append(event.text)
+                                        elif isinstance(event, FieldValue):
+                                            if event.name in missing:
+                                                missing.discard(event.name)
+                                                received[event.name] = event.value
+                                        elif isinstance(event, TextComplete):
+                                            answer = event.text
+                                        elif isinstance(event, ObjectComplete):
+                                            completed = True
+                                    if not meta_sent and (completed or not missing):
+                                        meta_sent = True
+                                        yield LLMStreamChunk(
+                                            "",
+                                            is_safe=_is_safe_value(
+                                                received.get("is_safe"), defaults.get("is_safe")
+                                            ),
+                                            aggression_score=_aggression_value(
+                                                received.get("aggression_score"),
+                                                defaults.get("aggression_score"),
+                                            ),
+                                        )
+                                        for text in pending:
+                                            yield LLMStreamChunk(text)
+                                        pending.clear()
+                                    if completed and not tail_armed:
+                                        # Nothing is yielded inside this block any more (the object is
+                                        # closed), so the deadline can be armed again for the tail.
+                                        tail_armed = True
+                                        first_token_deadline.reschedule(
+                                            asyncio.get_running_loop().time() + _TAIL_S
+                                        )
+                                    # finish_reason/usage rarely ride on a content chunk: only the last
+                                    # one is checked, after the loop (keeps two lookups off the hot path).
+                                    last_content = obj
+                                    continue
+                                # No content: the role chunk, the finish chunk, the usage chunk, a refusal.
+                                if choice is not None:
+                                    delta = choice.get("delta")
+                                    piece = delta.get("refusal") if isinstance(delta, dict) else None
+                                    if isinstance(piece, str):  # strict structured output may refuse
+                                        refusal.append(piece)
+                                    reason = choice.get("finish_reason")
+                                    if reason is not None:
+                                        finish_reason = reason
+                                if response_name is None:
+                                    response_name = obj.get("model")
+                                raw_usage = obj.get("usage")
+                                if raw_usage:
+                                    usage_raw = raw_usage
+                            if last_content is not None:
+                                choice = _first_choice(last_content)
+                                if finish_reason is None and choice is not None:
+                                    finish_reason = choice.get("finish_reason")
+                                if usage_raw is None:
+                                    usage_raw = last_content.get("usage")
+                                if response_name is None:
+                                    response_name = last_content.get("model")
+                            if done and completed:
+                                # Read the end of the body so the connection returns to the pool.
+                                async for _ in lines:
+                                    pass
+                        except httpx.HTTPError as exc:
+                            if not completed:
+                                raise
+                            # The whole object arrived; only the tail ([DONE], usage) was lost.
+                            emit(
+                                log,
+                                "stream_cut_after_object",
+                                logging.WARNING,
+                                model=model,
+                                error=f"{type(exc).__name__}: {exc}",
+                            )
+                        finally:
+                            aclose = getattr(lines, "aclose", None)
+                            if aclose is not None:
+                                await aclose()
+            except TimeoutError as exc:
+                if not completed:
+                    raise LLMTimeoutError(
+                        f"{what} (model {model}): no content within first_token_timeout_s="
+                        f"{config.first_token_timeout_s:g} s"
+                    ) from exc
+                # The whole answer arrived; only the tail (usage, [DONE]) was lost.
+                emit(log, "stream_tail_timeout", logging.WARNING, model=model, tail_s=_TAIL_S)
+            if not done and not completed:
+                raise LLMProtocolError(
+                    f"{what} (model {model}): the stream ended without [DONE] before the JSON answer was "
+                    f"complete ({chunks} chunks)"
+                )
+            try:
+                instance = parser.validate(response_model)
+            except (StructuredStreamError, ValidationError) as exc:
+                reason_text = ""
+                if refusal:
+                    reason_text = f" (the model refused: {''.join(refusal)[:300]})"
+                elif finish_reason == "length":
+                    reason_text = f" (cut at max_tokens={config.max_output_tokens}, finish_reason=length)"
+                raise LLMProtocolError(
+                    f"{what} (model {model}): invalid structured answer{reason_text}: {exc}"
+                ) from exc
+            succeeded = True
+        except LLMError as exc:
+            error = exc
+            raise
+        except httpx.HTTPError as exc:
+            error = error_for_exception(exc, what=what, base_url=config.base_url)
+            raise error from exc
+        except StructuredStreamError as exc:
+            error = LLMProtocolError(f"{what} (model {model}): invalid structured answer: {exc}")
+            raise error from exc
+        finally:
+            if error is not None:
+                self._failed(span, error, model=model, status=status, elapsed_s=clock() - sent)
+                span.end()
+            elif not succeeded:
+                # Closed by the consumer (or cancelled) before the end: not an error of the provider.
+                span.set_attribute("voxcore.cancelled", True)
+                span.end()
+
+        total_s = clock() - sent
+        ttft_s = (first_at if first_at is not None else clock()) - sent
+        usage = _token_usage(usage_raw)
+        result = GenerationResult(
+            response=instance,
+            text=answer if answer is not None else "",
+            usage=usage,
+            ttft_ms=round(ttft_s * 1000, 3),
+            total_ms=round(total_s * 1000, 3),
+            chunks=chunks,
+            connection_reused=reused,
+        )
+        if usage is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+        if finish_reason is not None:
+            span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+        if isinstance(response_name, str):
+            span.set_attribute("gen_ai.response.model", response_name)
+        if reused is not None:
+            span.set_attribute("voxcore.connection.reused", reused)
+        span.end()
+        self._duration.record(total_s, self._metric_attributes(model))
+        emit(
+            log,
+            "stream_end",
+            model=model,
+            total_ms=result.total_ms,
+            chunks=chunks,
+            ttft_ms=result.ttft_ms,
+            input_tokens=usage.input_tokens if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None,
+            finish_reason=finish_reason,
+            connection_reused=reused,
+        )
+        self._last_result = result
+        yield LLMStreamChunk("", is_final_chunk=True)
+
+    # -- plain completion -------------------------------------------------------------------------
+
+    async def generate_text(
+        self,
+        http_client: httpx.AsyncClient,
+        prompt: Prompt,
+        model: str,
+        *,
+        max_tokens: int | None = None,
+    ) -> str:
+        """A non-streamed completion's text (stripped), e.g. for summaries.
+
+        Args:
+            http_client: A client whose ``base_url`` is the provider's API root.
+            prompt: Chat messages, or one text sent as a single user message.
+            model: The model to ask.
+            max_tokens: Output bound; ``config.max_output_tokens`` when ``None``.
+
+        Raises:
+            LLMError: the same typed errors as :meth:`stream_structured_generate`.
+        """
+        config = self._config
+        messages = _messages(prompt)
+        limit = config.max_output_tokens if max_tokens is None else max_tokens
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": False,
+            "max_tokens": limit,
+            "temperature": config.temperature,
+        }
+        what = f"POST {CHAT_PATH}"
+        clock = self._clock
+        status: int | None = None
+        with self._tracer.start_as_current_span(
+            f"chat {model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes=self._attributes(model, stream=False, max_tokens=limit),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            emit(log, "request_send", model=model, ts=_now_iso(), stream=False, messages=len(messages))
+            sent = clock()
+            try:
+                try:
+                    response = await http_client.post(CHAT_PATH, json=body)
+                except httpx.HTTPError as exc:
+                    raise error_for_exception(exc, what=what, base_url=config.base_url) from exc
+                status = response.status_code
+                if not response.is_success:
+                    raise error_for_status(status, response.content, response.headers, what=what, model=model)
+                try:
+                    payload = response.json()
+                    choice = payload["choices"][0]
+                    content = choice["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise LLMProtocolError(
+                        f"{what} (model {model}): unexpected completion body: {response.text[:200]!r}"
+                    ) from exc
+                if not isinstance(content, str):
+                    message = choice["message"]
+                    refusal = message.get("refusal") if isinstance(message, dict) else None
+                    raise LLMProtocolError(
+                        f"{what} (model {model}): the completion has no text content"
+                        + (f" (the model refused: {refusal})" if refusal else "")
+                    )
+            except LLMError as exc:
+                self._failed(span, exc, model=model, status=status, elapsed_s=clock() - sent)
+                raise
+            elapsed = clock() - sent
+            usage = _token_usage(payload.get("usage"))
+            finish_reason = choice.get("finish_reason")
+            reused = connection_reused(response)
+            if usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+            if isinstance(finish_reason, str):
+                span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+            if isinstance(payload.get("model"), str):
+                span.set_attribute("gen_ai.response.model", payload["model"])
+            if reused is not None:
+                span.set_attribute("voxcore.connection.reused", reused)
+            self._duration.record(elapsed, self._metric_attributes(model))
+        emit(
+            log,
+            "completion_done",
+            model=model,
+            ms=round(elapsed * 1000, 3),
+            input_tokens=usage.input_tokens if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None,
+            finish_reason=finish_reason,
+            connection_reused=reused,
+        )
+        return content.strip()

@@ -1,0 +1,539 @@
+"""LLM commands: ``probe-llm`` (SPEC-LLM-2), ``probe-agent`` (SPEC-LLM-3) and ``sandbox`` (SPEC-LLM-1 §5).
+
+All print JSON lines on stdout. Without ``OPENAI_API_KEY``/``OPENAI_BASE_URL`` they run against the
+project's local OpenAI-compatible simulator and say so (event, report). A provider error at the
+handshake (bad key, unknown endpoint) prints one JSON ``error`` line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from voxcore.application.context import LLMContext
+from voxcore.application.dual_context import DualContextController
+from voxcore.application.manager import ConversationManager
+from voxcore.core.domain.keys import summary_key
+from voxcore.core.domain.models import ConversationMessage, LLMStructuredResponse, make_message
+from voxcore.core.ports.errors import LLMError
+from voxcore.entrypoints.runtime import Runtime, open_runtime
+from voxcore.events import FIELDS_ATTR, emit
+
+log = logging.getLogger("voxcore.cli")
+
+EXIT_OK, EXIT_FAILED = 0, 1
+TTFT_TARGET_MS = 800.0
+#: Context window used on the simulator unless told otherwise: small enough that a short probe
+#: shows the dual context at work (warm-up, standby, handover).
+SIM_CONTEXT_WINDOW = 520
+#: Messages carried verbatim into the standby context on the simulator (few, for the same reason).
+SIM_RECENT_MESSAGES = 2
+AGENT_STEPS = (
+    "Привет! Скажи в двух фразах, чем ты полезен клиентам страховой компании?",
+    "А теперь в одном предложении объясни выгоды вежливо и без воды.",
+    "Суммаризируй весь диалог списком из 3 пунктов.",
+)
+
+
+def _abs_path(value: str) -> Path:
+    return Path(os.path.abspath(value))
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the LLM commands to the ``voxcore`` parser."""
+    llm_common = argparse.ArgumentParser(add_help=False)
+    llm_common.add_argument("--prompts", type=_abs_path, help="prompts YAML (default: llm.prompts_path)")
+    llm_common.add_argument(
+        "--context-window-tokens",
+        type=int,
+        default=None,
+        help=f"override llm.context_window_tokens (default on the simulator: {SIM_CONTEXT_WINDOW})",
+    )
+
+    probe = sub.add_parser(
+        "probe-llm",
+        parents=[common, llm_common],
+        help="streaming LLM probe: TTFT, totals, chunk rate, handshake, context, dual context (SPEC-LLM-2)",
+    )
+    probe.add_argument("--model", default="main", help="'main', 'summary' or a model name")
+    probe.add_argument("--text", default="Привет! Дай короткое описание продукта.")
+    probe.add_argument("--repeats", type=int, default=5)
+    probe.add_argument("--report-dir", type=_abs_path, default=_abs_path("reports"))
+    probe.set_defaults(handler=probe_llm)
+
+    agent = sub.add_parser(
+        "probe-agent",
+        parents=[common, llm_common],
+        help="dialogue e2e with dual context and the Redis summary cache (SPEC-LLM-3)",
+    )
+    agent.add_argument("--session-id", default="demo-123")
+    agent.add_argument("--repeats", type=int, default=2, help="runs of the summary step (1 miss, then hits)")
+    agent.add_argument("--report-dir", type=_abs_path, default=_abs_path("reports"))
+    agent.set_defaults(handler=probe_agent)
+
+    sandbox = sub.add_parser(
+        "sandbox",
+        parents=[common, llm_common],
+        help="run one LLM building block on its own and print its JSON events (SPEC-LLM-1 §5)",
+    )
+    sandbox.add_argument("part", choices=["connection", "client", "context", "dual", "manager"])
+    sandbox.set_defaults(handler=sandbox_run)
+
+
+# -- shared -------------------------------------------------------------------------------------
+
+
+class EventRecorder(logging.Handler):
+    """Keeps the structured events of a run (for reports), alongside the JSON lines on stdout."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[tuple[float, str, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(
+            (record.created, record.getMessage(), dict(getattr(record, FIELDS_ATTR, {}) or {}))
+        )
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [fields for _, event, fields in self.events if event == name]
+
+
+@contextmanager
+def recording() -> Iterator[EventRecorder]:
+    recorder = EventRecorder()
+    logger = logging.getLogger("voxcore")
+    logger.addHandler(recorder)
+    try:
+        yield recorder
+    finally:
+        logger.removeHandler(recorder)
+
+
+@contextmanager
+def llm_errors_exit() -> Iterator[list[int]]:
+    """Turn a provider error into one JSON ``error`` line and exit code 1 (SPEC-LLM-2 §6.8)."""
+    code = [EXIT_OK]
+    try:
+        yield code
+    except LLMError as exc:
+        emit(
+            log,
+            "error",
+            logging.ERROR,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            transient=exc.transient,
+        )
+        code[0] = EXIT_FAILED
+
+
+def runtime_for(args: argparse.Namespace, *, default_level: str = "INFO") -> Any:
+    window = args.context_window_tokens
+    return open_runtime(
+        config=args.config,
+        log_level=args.log_level or default_level,
+        redis_url=args.redis_url,
+        embedded_redis=args.embedded_redis,
+        use_llm=True,
+        prompts=args.prompts,
+        context_window_tokens=window,
+        simulator_options=None,
+    )
+
+
+def _fit_window(runtime: Runtime, args: argparse.Namespace) -> None:
+    """On the simulator, shrink the context window (unless given) so a short probe shows the dual
+    context at work: a warm-up, a ready standby and a handover."""
+    if runtime.on_simulator and args.context_window_tokens is None:
+        llm = runtime.settings.llm.model_copy(update={"context_window_tokens": SIM_CONTEXT_WINDOW})
+        dual = runtime.settings.dual_context.model_copy(update={"recent_messages": SIM_RECENT_MESSAGES})
+        runtime.settings = runtime.settings.model_copy(update={"llm": llm, "dual_context": dual})
+        runtime.container.settings.override(runtime.settings)
+
+
+def stats(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/mean of a sample (nearest-rank percentiles), rounded to 0.1 ms."""
+    if not values:
+        return {"p50": None, "p95": None, "mean": None}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5))) - 1]
+
+    return {"p50": round(rank(50), 1), "p95": round(rank(95), 1), "mean": round(statistics.fmean(values), 1)}
+
+
+def _fmt(value: float | None, unit: str = " ms") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"
+
+
+def _stats_row(label: str, values: dict[str, float | None]) -> str:
+    return f"| {label} | {_fmt(values['p50'])} | {_fmt(values['p95'])} | {_fmt(values['mean'])} |"
+
+
+def _dual_timings(recorder: EventRecorder) -> dict[str, Any]:
+    starts = recorder.named("warmup_start")
+    ready = recorder.named("warmup_ready")
+    handovers = recorder.named("handover_perform")
+    return {
+        "warmups_started": len(starts),
+        "warmup_start_ratio": starts[0]["ratio"] if starts else None,
+        "warmup_ready_ms": [round(r["ms"], 1) for r in ready],
+        "handovers": len(handovers),
+        "handover_ms_since_ready": [round(h["ms_since_ready"], 1) for h in handovers],
+        "handover_ms": [round(h["handover_ms"], 3) for h in handovers],
+    }
+
+
+def _stamp() -> datetime:
+    return datetime.now(UTC)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    emit(log, "report_saved", path=str(path))
+    return path
+
+
+@dataclass
+class TurnRecord:
+    """One probed turn."""
+
+    step: str
+    ttft_ms: float | None
+    client_ttft_ms: float | None
+    total_ms: float
+    chunks: int
+    ratio_before: float
+    ratio_after: float
+    handover_ms: float | None
+    reply: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_turn(manager: ConversationManager, text: str, step: str) -> TurnRecord:
+    """Stream one turn to the end and collect its numbers."""
+    reply: list[str] = []
+    async for chunk in manager.process_user_turn(text):
+        reply.append(chunk.text_chunk)
+    metrics = manager.last_turn_metrics
+    assert metrics is not None
+    return TurnRecord(
+        step=step,
+        ttft_ms=metrics.time_to_first_token_ms,
+        client_ttft_ms=metrics.client_ttft_ms,
+        total_ms=metrics.response_total_ms,
+        chunks=metrics.chunks,
+        ratio_before=metrics.context_ratio_before,
+        ratio_after=metrics.context_ratio_after,
+        handover_ms=metrics.handover_ms,
+        reply="".join(reply),
+    )
+
+
+# -- probe-llm ----------------------------------------------------------------------------------
+
+
+async def probe_llm(args: argparse.Namespace) -> int:
+    """SPEC-LLM-2: handshake, N streamed turns, percentiles, chunk rate, context and dual context."""
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    with recording() as recorder, llm_errors_exit() as code:
+        async with runtime_for(args) as runtime:
+            _fit_window(runtime, args)
+            settings = runtime.settings
+            model = {"main": settings.llm.models.main, "summary": settings.llm.models.summary}.get(
+                args.model, args.model
+            )
+            if model != settings.llm.models.main:
+                models = settings.llm.models.model_copy(update={"main": model})
+                runtime.container.settings.override(
+                    settings.model_copy(update={"llm": settings.llm.model_copy(update={"models": models})})
+                )
+            started = time.perf_counter()
+            manager = await runtime.container.open_conversation(f"probe-llm-{int(time.time())}")
+            try:
+                turns = [await run_turn(manager, args.text, f"repeat {i + 1}") for i in range(args.repeats)]
+            finally:
+                await manager.shutdown()
+            elapsed = time.perf_counter() - started
+            path = _write(
+                args.report_dir / f"llm_probe_{_stamp().strftime('%Y-%m-%dT%H-%M-%S')}.md",
+                _probe_report(runtime, model, args, turns, recorder, elapsed),
+            )
+            emit(log, "probe_llm_done", report=str(path), turns=len(turns), llm=runtime.llm_target)
+    return code[0]
+
+
+def _probe_report(
+    runtime: Runtime,
+    model: str,
+    args: argparse.Namespace,
+    turns: list[TurnRecord],
+    recorder: EventRecorder,
+    elapsed_s: float,
+) -> str:
+    ttft = stats([t.client_ttft_ms for t in turns if t.client_ttft_ms is not None])
+    turn_ttft = stats([t.ttft_ms for t in turns if t.ttft_ms is not None])
+    total = stats([t.total_ms for t in turns])
+    rates = [
+        (t.chunks - 1) / ((t.total_ms - t.ttft_ms) / 1000)
+        for t in turns
+        if t.ttft_ms is not None and t.total_ms > t.ttft_ms and t.chunks > 1
+    ]
+    handshake = recorder.named("conn_handshake_finish")
+    dual = _dual_timings(recorder)
+    provider = (
+        "**local simulator** (no OPENAI_API_KEY/OPENAI_BASE_URL configured: these numbers are the "
+        "simulator's scripted delays, not a real model)"
+        if runtime.on_simulator
+        else runtime.llm_target
+    )
+    lines = [
+        f"# LLM probe — {_stamp().strftime('%Y-%m-%d %H:%M:%S UTC')}",
+        "",
+        f"- provider: {provider}",
+        f"- model: `{model}`; repeats: {len(turns)}; prompt: «{args.text}»",
+        f"- context window: {runtime.settings.llm.context_window_tokens} tokens; "
+        f"wall time: {elapsed_s:.2f} s",
+        "",
+        "| metric | p50 | p95 | mean |",
+        "|---|---:|---:|---:|",
+        _stats_row("TTFT (request sent -> first token)", ttft),
+        _stats_row("turn start -> first chunk", turn_ttft),
+        _stats_row("total response", total),
+        "",
+        f"- handshake: {_fmt(handshake[0]['ms']) if handshake else '-'}",
+        f"- chunk rate: {_fmt(statistics.fmean(rates) if rates else None, ' chunks/s')}",
+        f"- dual context: {dual['warmups_started']} warm-up(s) (first at ratio "
+        f"{dual['warmup_start_ratio']}), ready after {dual['warmup_ready_ms']} ms; "
+        f"{dual['handovers']} handover(s), {dual['handover_ms_since_ready']} ms after ready, "
+        f"taking {dual['handover_ms']} ms",
+        "",
+        "| # | TTFT ms | total ms | chunks | context before | after | handover ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, t in enumerate(turns, 1):
+        lines.append(
+            f"| {i} | {_fmt(t.client_ttft_ms, '')} | {t.total_ms:.1f} | {t.chunks} | {t.ratio_before:.3f} | "
+            f"{t.ratio_after:.3f} | {_fmt(t.handover_ms, '')} |"
+        )
+    verdict = "OK" if ttft["p50"] is not None and ttft["p50"] < TTFT_TARGET_MS else "FAIL"
+    lines += ["", f"TTFT p50: {_fmt(ttft['p50'])} (target < {TTFT_TARGET_MS:.0f} ms) — {verdict}", ""]
+    return "\n".join(lines)
+
+
+# -- probe-agent --------------------------------------------------------------------------------
+
+
+async def probe_agent(args: argparse.Namespace) -> int:
+    """SPEC-LLM-3: a dialogue with dual context, then the summary cache: a miss, then hits."""
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    with recording() as recorder, llm_errors_exit() as code:
+        async with runtime_for(args) as runtime:
+            _fit_window(runtime, args)
+            if not await runtime.container.cache().ping():
+                emit(log, "error", logging.ERROR, error=f"Redis at {runtime.redis_target} does not answer")
+                return EXIT_FAILED
+            report = await _agent_scenario(runtime, args, recorder)
+            stamp = _stamp().strftime("%Y%m%d-%H%M")
+            json_path = args.report_dir / f"llm_agent_{stamp}.json"
+            md_path = args.report_dir / f"llm_agent_{stamp}.md"
+            _write(json_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+            _write(md_path, _agent_markdown(report))
+            emit(log, "probe_agent_done", report=str(md_path), ttft_p50_ms=report["ttft"]["p50"])
+    return code[0]
+
+
+async def _agent_scenario(
+    runtime: Runtime, args: argparse.Namespace, recorder: EventRecorder
+) -> dict[str, Any]:
+    container = runtime.container
+    manager = await container.open_conversation(args.session_id)
+    turns: list[TurnRecord] = []
+    summary_runs: list[dict[str, Any]] = []
+    try:
+        for i, text in enumerate(AGENT_STEPS, 1):
+            turns.append(await run_turn(manager, text, f"step {i}"))
+        history = manager.active_context.get_history_for_summary()
+        summary_runs.append(await _timed_summary(manager, history, "run 1 (same session)", recorder))
+    finally:
+        await manager.shutdown()
+    # Replays: a new conversation object of the same session summarizes the same dialogue again.
+    for run in range(2, args.repeats + 1):
+        replay = await container.open_conversation(args.session_id)
+        try:
+            summary_runs.append(await _timed_summary(replay, history, f"run {run} (replay)", recorder))
+        finally:
+            await replay.shutdown()
+    ttft = stats([t.client_ttft_ms for t in turns if t.client_ttft_ms is not None])
+    return {
+        "generated_at": _stamp().isoformat(),
+        "provider": "simulator" if runtime.on_simulator else runtime.llm_target,
+        "simulator": runtime.on_simulator,
+        "model": runtime.settings.llm.models.main,
+        "summary_model": runtime.settings.llm.models.summary,
+        "session_key": summary_key(args.session_id),
+        "redis": runtime.redis_target,
+        "context_window_tokens": runtime.settings.llm.context_window_tokens,
+        "handshake_ms": [round(h["ms"], 1) for h in recorder.named("conn_handshake_finish")],
+        "turns": [t.__dict__ for t in turns],
+        "ttft": ttft,
+        "turn_ttft": stats([t.ttft_ms for t in turns if t.ttft_ms is not None]),
+        "total": stats([t.total_ms for t in turns]),
+        "context_usage": [{"step": t.step, "before": t.ratio_before, "after": t.ratio_after} for t in turns],
+        "dual_context": _dual_timings(recorder),
+        "summary_cache": summary_runs,
+        "ttft_target_ms": TTFT_TARGET_MS,
+        "ttft_ok": ttft["p50"] is not None and ttft["p50"] < TTFT_TARGET_MS,
+    }
+
+
+async def _timed_summary(
+    manager: ConversationManager, history: list[ConversationMessage], label: str, recorder: EventRecorder
+) -> dict[str, Any]:
+    checks_before = len(recorder.named("summary_cache_check"))
+    started = time.perf_counter()
+    summary = await manager.summarize(history)
+    ms = (time.perf_counter() - started) * 1000
+    checks = recorder.named("summary_cache_check")[checks_before:]
+    hit = bool(checks and checks[-1]["hit"])
+    emit(log, "summary_step", label=label, hit=hit, ms=round(ms, 1), chars=len(summary))
+    return {"run": label, "hit": hit, "ms": round(ms, 1), "summary": summary}
+
+
+def _agent_markdown(report: dict[str, Any]) -> str:
+    ttft, total = report["ttft"], report["total"]
+    provider = (
+        "**local simulator** (no OPENAI_API_KEY/OPENAI_BASE_URL configured: scripted answers and "
+        "delays, not a real model)"
+        if report["simulator"]
+        else report["provider"]
+    )
+    dual = report["dual_context"]
+    lines = [
+        f"# LLM agent e2e — {report['generated_at']}",
+        "",
+        f"- provider: {provider}; model `{report['model']}`, summaries `{report['summary_model']}`",
+        f"- Redis: {report['redis']}; summary key `{report['session_key']}`",
+        f"- context window: {report['context_window_tokens']} tokens; handshake: {report['handshake_ms']} ms",
+        "",
+        "| step | TTFT ms | total ms | chunks | context before | after | handover ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in report["turns"]:
+        lines.append(
+            f"| {t['step']} | {_fmt(t['client_ttft_ms'], '')} | {t['total_ms']:.1f} | {t['chunks']} | "
+            f"{t['ratio_before']:.3f} | {t['ratio_after']:.3f} | {_fmt(t['handover_ms'], '')} |"
+        )
+    lines += [
+        "",
+        "| metric | p50 | p95 | mean |",
+        "|---|---:|---:|---:|",
+        _stats_row("TTFT", ttft),
+        _stats_row("total response", total),
+        "",
+        f"Dual context: {dual['warmups_started']} warm-up(s) (first at ratio {dual['warmup_start_ratio']}), "
+        f"ready after {dual['warmup_ready_ms']} ms; {dual['handovers']} handover(s) "
+        f"{dual['handover_ms_since_ready']} ms after ready, taking {dual['handover_ms']} ms.",
+        "",
+        "| summary run | cache | ms |",
+        "|---|---|---:|",
+    ]
+    for run in report["summary_cache"]:
+        lines.append(f"| {run['run']} | {'hit' if run['hit'] else 'miss'} | {run['ms']:.1f} |")
+    verdict = "OK" if report["ttft_ok"] else "FAIL"
+    lines += [
+        "",
+        f"TTFT p50: {_fmt(ttft['p50'])} (target < {TTFT_TARGET_MS:.0f} ms) — {verdict}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- sandboxes ------------------------------------------------------------------------------------
+
+
+async def sandbox_run(args: argparse.Namespace) -> int:
+    """Run one building block alone (SPEC-LLM-1 §5); every step prints its JSON events."""
+    with llm_errors_exit() as code:
+        async with runtime_for(args, default_level="DEBUG") as runtime:
+            _fit_window(runtime, args)
+            container = runtime.container
+            part = args.part
+            if part == "connection":
+                connection = container.connection_manager()
+                await connection.start()
+                await connection.shutdown()
+            elif part == "client":
+                connection = container.connection_manager()
+                client = container.llm_client()
+                try:
+                    http = await connection.get_client()
+                    prompt = [make_message("user", "Скажи одно короткое предложение.")]
+                    model = runtime.settings.llm.models.main
+                    async for chunk in client.stream_structured_generate(
+                        http, prompt, model, LLMStructuredResponse
+                    ):
+                        emit(log, "sandbox_chunk", text=chunk.text_chunk, final=chunk.is_final_chunk)
+                finally:
+                    await connection.shutdown()
+            elif part == "context":
+                context: LLMContext = container.llm_context()
+                for role, text in (("user", "Здравствуйте!"), ("assistant", "Добрый день! Чем помочь?")):
+                    context.add_message(make_message(role, text))
+                context.add_message(make_message("user", "Сколько стоит страховка?"))
+                emit(log, "sandbox_prompt", messages=context.build_prompt())
+                emit(log, "sandbox_ratio", ratio=round(context.estimate_usage_ratio(), 4))
+            elif part == "dual":
+                await _dual_sandbox(container)
+            else:
+                manager = await container.open_conversation("sandbox-manager")
+                try:
+                    turn = await run_turn(manager, "Здравствуйте! Расскажите коротко о себе.", "sandbox")
+                    emit(log, "sandbox_turn", **{k: v for k, v in turn.__dict__.items() if k != "extra"})
+                finally:
+                    await manager.shutdown()
+    return code[0]
+
+
+async def _dual_sandbox(container: Any) -> None:
+    """Grow the usage ratio until a warm-up, a ready standby and a handover have happened."""
+
+    async def summarize(history: Sequence[ConversationMessage]) -> str:
+        return f"Клиент обсуждал {len(history)} реплик(и) о страховке."
+
+    dual: DualContextController = container.dual_context(summarize=summarize)
+    for i in range(60):
+        dual.begin_turn()
+        dual.active_context.add_message(
+            make_message("user", f"Вопрос номер {i}: сколько стоит полис на год?")
+        )
+        dual.after_message()
+        dual.active_context.add_message(
+            make_message("assistant", f"Ответ {i}: около двенадцати тысяч рублей.")
+        )
+        dual.after_message()
+        await dual.wait_warmup()
+        if dual.handovers:
+            break
+    emit(
+        log,
+        "sandbox_dual_done",
+        handovers=dual.handovers,
+        ratio=round(dual.active_context.estimate_usage_ratio(), 4),
+    )
+    await dual.shutdown()
