@@ -83,12 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         parents=[common],
-        help="the offline demo: load the shipped fragments, then run probe-cache (embedded Redis by default)",
+        help="offline demo: shipped fragments, probe-cache, a short dialogue (private Redis, LLM simulator)",
     )
     demo.add_argument(
         "--fragments", type=Path, default=None, help="manifest or WAV folder (default: shipped)"
     )
     demo.add_argument("--chunk-ms", type=int, default=20)
+    demo.add_argument("--report-dir", type=llm_cli.absolute_path, default=llm_cli.absolute_path("reports"))
     demo.set_defaults(handler=_demo)
 
     llm_cli.register(sub, common)
@@ -248,17 +249,27 @@ async def _probe(container: Container, args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    """Offline demo: embedded Redis unless told otherwise, shipped fragments, then the cache probe."""
+    """Offline demo: private Redis and the LLM simulator (unless configured), the shipped fragments,
+    the cache probe, then a short dialogue with dual context and the summary cache (md/json report)."""
     if args.redis_url is None:
         args.embedded_redis = True
     fragments = _fragments_from(args.fragments or demo_manifest())
     probe_args = argparse.Namespace(
         key="static:test_example", wav=None, chunk_ms=args.chunk_ms, concurrency=5, rounds=10, text_ttl=2.0
     )
-    async with _cache_container(args, "INFO") as container:
-        loaded = await _load_fragments(container, fragments, args.chunk_ms, str(args.fragments or "shipped"))
-        probed = await _probe(container, probe_args)
-    return loaded or probed
+    async with open_runtime(
+        config=args.config,
+        log_level=args.log_level or "INFO",
+        redis_url=args.redis_url,
+        embedded_redis=args.embedded_redis,
+        use_llm=True,
+    ) as runtime:
+        loaded = await _load_fragments(
+            runtime.container, fragments, args.chunk_ms, str(args.fragments or "shipped")
+        )
+        probed = await _probe(runtime.container, probe_args)
+        talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
+    return loaded or probed or talked
 
 
 async def _bench_stream_read(cache: Any, key: str) -> dict[str, float] | None:

@@ -38,21 +38,24 @@ TTFT_TARGET_MS = 800.0
 SIM_CONTEXT_WINDOW = 520
 #: Messages carried verbatim into the standby context on the simulator (few, for the same reason).
 SIM_RECENT_MESSAGES = 2
-AGENT_STEPS = (
+AGENT_STEPS = (  # SPEC-LLM-3 §4, with two follow-ups before the final step so the context fills up
     "Привет! Скажи в двух фразах, чем ты полезен клиентам страховой компании?",
     "А теперь в одном предложении объясни выгоды вежливо и без воды.",
+    "Сколько стоит страховка квартиры площадью 54 метра?",
+    "Хорошо, а если добавить машину?",
     "Суммаризируй весь диалог списком из 3 пунктов.",
 )
 
 
-def _abs_path(value: str) -> Path:
+def absolute_path(value: str) -> Path:
+    """An argparse type: the path made absolute against the working directory at parse time."""
     return Path(os.path.abspath(value))
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the LLM commands to the ``voxcore`` parser."""
     llm_common = argparse.ArgumentParser(add_help=False)
-    llm_common.add_argument("--prompts", type=_abs_path, help="prompts YAML (default: llm.prompts_path)")
+    llm_common.add_argument("--prompts", type=absolute_path, help="prompts YAML (default: llm.prompts_path)")
     llm_common.add_argument(
         "--context-window-tokens",
         type=int,
@@ -68,7 +71,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     probe.add_argument("--model", default="main", help="'main', 'summary' or a model name")
     probe.add_argument("--text", default="Привет! Дай короткое описание продукта.")
     probe.add_argument("--repeats", type=int, default=5)
-    probe.add_argument("--report-dir", type=_abs_path, default=_abs_path("reports"))
+    probe.add_argument("--report-dir", type=absolute_path, default=absolute_path("reports"))
     probe.set_defaults(handler=probe_llm)
 
     agent = sub.add_parser(
@@ -78,7 +81,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     agent.add_argument("--session-id", default="demo-123")
     agent.add_argument("--repeats", type=int, default=2, help="runs of the summary step (1 miss, then hits)")
-    agent.add_argument("--report-dir", type=_abs_path, default=_abs_path("reports"))
+    agent.add_argument("--report-dir", type=absolute_path, default=absolute_path("reports"))
     agent.set_defaults(handler=probe_agent)
 
     sandbox = sub.add_parser(
@@ -174,8 +177,8 @@ def stats(values: Sequence[float]) -> dict[str, float | None]:
     return {"p50": round(rank(50), 1), "p95": round(rank(95), 1), "mean": round(statistics.fmean(values), 1)}
 
 
-def _fmt(value: float | None, unit: str = " ms") -> str:
-    return "-" if value is None else f"{value:.1f}{unit}"
+def _fmt(value: float | None, unit: str = " ms", digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def _stats_row(label: str, values: dict[str, float | None]) -> str:
@@ -188,7 +191,7 @@ def _dual_timings(recorder: EventRecorder) -> dict[str, Any]:
     handovers = recorder.named("handover_perform")
     return {
         "warmups_started": len(starts),
-        "warmup_start_ratio": starts[0]["ratio"] if starts else None,
+        "warmup_start_ratio": round(starts[0]["ratio"], 3) if starts else None,
         "warmup_ready_ms": [round(r["ms"], 1) for r in ready],
         "handovers": len(handovers),
         "handover_ms_since_ready": [round(h["ms_since_ready"], 1) for h in handovers],
@@ -328,7 +331,7 @@ def _probe_report(
     for i, t in enumerate(turns, 1):
         lines.append(
             f"| {i} | {_fmt(t.client_ttft_ms, '')} | {t.total_ms:.1f} | {t.chunks} | {t.ratio_before:.3f} | "
-            f"{t.ratio_after:.3f} | {_fmt(t.handover_ms, '')} |"
+            f"{t.ratio_after:.3f} | {_fmt(t.handover_ms, '', 3)} |"
         )
     verdict = "OK" if ttft["p50"] is not None and ttft["p50"] < TTFT_TARGET_MS else "FAIL"
     lines += ["", f"TTFT p50: {_fmt(ttft['p50'])} (target < {TTFT_TARGET_MS:.0f} ms) — {verdict}", ""]
@@ -368,15 +371,21 @@ async def _agent_scenario(
     try:
         for i, text in enumerate(AGENT_STEPS, 1):
             turns.append(await run_turn(manager, text, f"step {i}"))
-        history = manager.active_context.get_history_for_summary()
-        summary_runs.append(await _timed_summary(manager, history, "run 1 (same session)", recorder))
     finally:
         await manager.shutdown()
-    # Replays: a new conversation object of the same session summarizes the same dialogue again.
-    for run in range(2, args.repeats + 1):
+    # The whole dialogue as the caller heard it (the active context may hold a summary by now).
+    history = [
+        message
+        for text, turn in zip(AGENT_STEPS, turns, strict=True)
+        for message in (make_message("user", text), make_message("assistant", turn.reply))
+    ]
+    # Each run is a new conversation of the same session summarizing the same dialogue: the first
+    # asks the summary model and fills the cache, the replays read it.
+    for run in range(1, args.repeats + 1):
         replay = await container.open_conversation(args.session_id)
         try:
-            summary_runs.append(await _timed_summary(replay, history, f"run {run} (replay)", recorder))
+            label = "run 1" if run == 1 else f"run {run} (replay)"
+            summary_runs.append(await _timed_summary(replay, history, label, recorder))
         finally:
             await replay.shutdown()
     ttft = stats([t.client_ttft_ms for t in turns if t.client_ttft_ms is not None])
@@ -415,6 +424,24 @@ async def _timed_summary(
     return {"run": label, "hit": hit, "ms": round(ms, 1), "summary": summary}
 
 
+async def demo_dialogue(runtime: Runtime, *, report_dir: Path) -> int:
+    """The dialogue part of ``voxcore demo``: probe-agent's scenario on the given runtime."""
+    args = argparse.Namespace(
+        session_id="demo-call", repeats=2, report_dir=report_dir, context_window_tokens=None
+    )
+    with recording() as recorder, llm_errors_exit() as code:
+        _fit_window(runtime, args)
+        report = await _agent_scenario(runtime, args, recorder)
+        stamp = _stamp().strftime("%Y%m%d-%H%M%S")
+        _write(
+            args.report_dir / f"demo_dialogue_{stamp}.json",
+            json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+        )
+        md = _write(args.report_dir / f"demo_dialogue_{stamp}.md", _agent_markdown(report))
+        emit(log, "demo_dialogue_done", report=str(md), ttft_p50_ms=report["ttft"]["p50"])
+    return code[0]
+
+
 def _agent_markdown(report: dict[str, Any]) -> str:
     ttft, total = report["ttft"], report["total"]
     provider = (
@@ -437,7 +464,7 @@ def _agent_markdown(report: dict[str, Any]) -> str:
     for t in report["turns"]:
         lines.append(
             f"| {t['step']} | {_fmt(t['client_ttft_ms'], '')} | {t['total_ms']:.1f} | {t['chunks']} | "
-            f"{t['ratio_before']:.3f} | {t['ratio_after']:.3f} | {_fmt(t['handover_ms'], '')} |"
+            f"{t['ratio_before']:.3f} | {t['ratio_after']:.3f} | {_fmt(t['handover_ms'], '', 3)} |"
         )
     lines += [
         "",

@@ -89,7 +89,8 @@ async def test_probe_agent_shows_summary_cache_miss_then_hit(tmp_path: Path) -> 
     assert [p.suffix for p in paths] == [".json", ".md"]
     assert all(p.name.startswith("llm_agent_") for p in paths)
     data = json.loads(paths[0].read_text())
-    assert data["simulator"] is True and len(data["turns"]) == 3
+    assert data["simulator"] is True and len(data["turns"]) == 5
+    assert data["dual_context"]["warmups_started"] >= 1 and data["dual_context"]["handovers"] >= 1
     assert data["session_key"].startswith("summary:session:") and len(data["session_key"]) == 32
     assert [r["hit"] for r in data["summary_cache"]] == [False, True, True]
     markdown = paths[1].read_text()
