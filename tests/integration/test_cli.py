@@ -140,14 +140,16 @@ def test_no_redis_anywhere_says_so(tmp_path: Path) -> None:
     assert "does not answer" in json_lines(done.stdout)[-1]["error"]
 
 
-def test_demo_runs_end_to_end() -> None:
-    done = run("demo")
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    done = run("demo", "--report-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     lines = json_lines(done.stdout)
     summary = next(line for line in lines if line["event"] == "load_audio_summary")
     assert summary["loaded"] == 4 and summary["failed"] == 0
     assert lines[-1]["event"] == "embedded_redis_stopped"
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
+    assert any(line["event"] == "demo_dialogue_done" for line in lines)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
 
 
 def test_missing_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import RedisTarget
 from voxcore.entrypoints.container import Container
 from voxcore.entrypoints.settings import load_settings
+from voxcore.simulator import OpenAISimulator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def readme_host_snippet() -> str:
     return match.group(1)
 
 
-def test_readme_host_example_runs_verbatim(
+async def test_readme_host_example_runs_verbatim(
     redis_target: RedisTarget, key_prefix: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "voxcore.yml"
@@ -33,12 +34,26 @@ def test_readme_host_example_runs_verbatim(
     snippet = readme_host_snippet()
     assert 'Container(config_path="/srv/app/voxcore.yml")' in snippet
     code = snippet.replace("/srv/app/voxcore.yml", str(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "VOXCORE_"))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "Клиент спрашивал о тарифах."
-    # JSON logging went to stderr: the connection event, one object per line
-    assert '"event": "redis_connected"' in done.stderr
+    async with OpenAISimulator(api_key="sk-readme") as sim:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "VOXCORE_", "OPENAI_"))}
+        env |= {"OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": "sk-readme"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == [
+        "Клиент спрашивал о тарифах.",
+        "Вы сказали: Сколько стоит страховка квартиры?",
+    ]
+    # JSON logging went to stderr: one object per line
+    logged = err.decode()
+    assert '"event": "redis_connected"' in logged and '"event": "user_turn_finish"' in logged
 
 
 async def test_container_wires_one_cache_and_closes_it(redis_target: RedisTarget, key_prefix: str) -> None:
