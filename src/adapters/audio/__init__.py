@@ -1,5 +1,5 @@
 """PCM conversion shared by the speech adapters (numpy + soxr): rate, channels, sample width."""
 
-from voxcore.adapters.audio.convert import SUPPORTED_ENCODINGS, PcmConverter, convert_pcm
+from voxcore.adapters.audio.convert import SUPPORTED_ENCODINGS, PcmConverter, SoxrAudioConverter, convert_pcm
 
-__all__ = ["SUPPORTED_ENCODINGS", "PcmConverter", "convert_pcm"]
+__all__ = ["SUPPORTED_ENCODINGS", "PcmConverter", "SoxrAudioConverter", "convert_pcm"]

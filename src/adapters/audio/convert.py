@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
+from voxcore.core.ports.audio import AudioConverter, StreamConverter
 
 __all__ = ["SUPPORTED_ENCODINGS", "PcmConverter", "convert_pcm"]
 
@@ -138,7 +139,7 @@ def convert_pcm(data: Buffer, src: AudioFormat, dst: AudioFormat) -> bytes:
     return _encode(_mix(samples, dst.channels), dst)
 
 
-class PcmConverter:
+class PcmConverter(StreamConverter):
     """Converts a PCM stream chunk by chunk, with resampler state carried across chunks.
 
     Chunks may end inside a frame: the partial frame is held back and completed by the next
@@ -227,3 +228,13 @@ class PcmConverter:
         if len(samples) == 0:
             return b""
         return _encode(_mix(samples, self.dst.channels), self.dst)
+
+
+class SoxrAudioConverter(AudioConverter):
+    """The :class:`~voxcore.core.ports.audio.AudioConverter` port on numpy + soxr."""
+
+    def convert(self, data: bytes, src: AudioFormat, dst: AudioFormat) -> bytes:
+        return convert_pcm(data, src, dst)
+
+    def stream(self, src: AudioFormat, dst: AudioFormat) -> StreamConverter:
+        return PcmConverter(src, dst)
