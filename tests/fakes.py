@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional  # noqa: UP035 - AbstractCache's signatures are fixed by SPEC-A
@@ -214,13 +214,13 @@ class FakeLLMClient(AbstractLLMClient[FakeHTTPClient]):
         full_prompt: Prompt,
         model: str,
         response_model: type[BaseModel],
-    ) -> AsyncIterator[LLMStreamChunk]:
+    ) -> AsyncGenerator[LLMStreamChunk, None]:
         prompt = _as_messages(full_prompt)
         self.calls.append(StreamCall(http_client, prompt, model, response_model))
         script = self.replies.popleft() if self.replies else reply(self.default_reply)
         return self._stream(script, model)
 
-    async def _stream(self, script: ScriptedReply, model: str) -> AsyncIterator[LLMStreamChunk]:
+    async def _stream(self, script: ScriptedReply, model: str) -> AsyncGenerator[LLMStreamChunk, None]:
         span = self.tracer.start_span(f"chat {model}") if self.tracer is not None else None
         loop = asyncio.get_running_loop()
         started = loop.time()

@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -251,7 +251,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         full_prompt: Prompt,
         model: str,
         response_model: type[BaseModel],
-    ) -> AsyncIterator[LLMStreamChunk]:
+    ) -> AsyncGenerator[LLMStreamChunk, None]:
         """Stream ``response_model``'s ``answer`` as it is generated, safety metadata first.
 
         Args:

@@ -7,7 +7,7 @@ The ports speak domain types only. The HTTP client a connection manager hands ou
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -78,7 +78,7 @@ class AbstractLLMClient(abc.ABC, Generic[ClientT]):
         full_prompt: Prompt,
         model: str,
         response_model: type[BaseModel],
-    ) -> AsyncIterator[LLMStreamChunk]:
+    ) -> AsyncGenerator[LLMStreamChunk, None]:
         """Stream the answer of ``response_model``'s ``answer`` field as it is generated.
 
         The first chunk carries the safety metadata (``is_safe``, ``aggression_score``); answer text
@@ -129,7 +129,7 @@ class AbstractConversationManager(abc.ABC):
     """One call's conversation: turns in, streamed structured answers out (SPEC-LLM-1 §4.5)."""
 
     @abc.abstractmethod
-    def process_user_turn(self, final_user_text: str) -> AsyncIterator[LLMStreamChunk]:
+    def process_user_turn(self, final_user_text: str) -> AsyncGenerator[LLMStreamChunk, None]:
         """Add the user's text, stream the answer, and end with a chunk marked ``is_final_chunk``."""
 
     @abc.abstractmethod
