@@ -17,24 +17,33 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from dependency_injector import containers, providers
 
+from voxcore.adapters.audio.convert import SoxrAudioConverter
+from voxcore.adapters.espeak.tts import EspeakTTSEngine
 from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import OpenAIConnectionManager
 from voxcore.adapters.openai.tokenizer import make_tokenizer
+from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
 from voxcore.application.manager import ConversationManager
+from voxcore.application.voice import VoiceService
+from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
 from voxcore.core.domain.resilience import CircuitBreaker
+from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.tokenizer import Tokenizer
+from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.logging import configure_logging
 from voxcore.entrypoints.prompts import load_prompts
-from voxcore.entrypoints.settings import Settings, load_settings
+from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
 
 
@@ -130,6 +139,85 @@ async def open_conversation(
         raise
 
 
+def agent_voice(agent: AgentVoice) -> AgentVoiceSettings:
+    """Settings model -> the domain's ``AgentVoiceSettings``."""
+    f = agent.audio_format
+    return AgentVoiceSettings(
+        tts_enabled=agent.tts_enabled,
+        engine=agent.engine,
+        voice=agent.voice,
+        model=agent.model,
+        audio_format=AudioFormat(f.sample_rate, f.channels, f.sample_width),
+        speed=agent.speed,
+        max_chars=agent.max_chars,
+    )
+
+
+@asynccontextmanager
+async def redis_client(config: RedisConfig) -> AsyncIterator[Any]:
+    """A plain Redis client for services that script Redis themselves (the rate limiter)."""
+    client = config.build()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def tts_engines(settings: Settings) -> AsyncIterator[dict[str, TTSEngine]]:
+    """Every TTS engine by name; their HTTP clients/processes are closed at shutdown."""
+    v, llm = settings.voice, settings.llm
+    engines: dict[str, TTSEngine] = {
+        "openai": OpenAITTSEngine(
+            base_url=v.openai.base_url or llm.base_url,
+            api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+            timeout_s=v.openai.timeout_s,
+            http2=llm.http2,
+            model=v.openai.model,
+        ),
+        "espeak-ng": EspeakTTSEngine(
+            binary=v.espeak.binary, timeout_s=v.espeak.timeout_s, max_chars=v.espeak.max_chars
+        ),
+    }
+    try:
+        yield engines
+    finally:
+        for engine in engines.values():
+            await engine.aclose()
+
+
+@asynccontextmanager
+async def voice_service(
+    settings: Settings, engines: dict[str, TTSEngine], cache: RedisCacheManager, client: Any
+) -> AsyncIterator[VoiceService | None]:
+    """The voice service when ``voice.enabled`` (engines checked at start), else ``None``."""
+    v = settings.voice
+    if not v.enabled:
+        yield None
+        return
+    limiter = RedisRateLimiter(
+        client,
+        limit=v.rate_limit.limit,
+        period_s=v.rate_limit.period_s,
+        burst=v.rate_limit.burst,
+        fail_open=v.rate_limit.fail_open,
+        key_prefix=settings.cache.key_prefix,
+    )
+    service = VoiceService(
+        agents={name: agent_voice(agent) for name, agent in v.agents.items()},
+        engines=engines,
+        default_agent=agent_voice(v.default_agent) if v.default_agent else None,
+        rate_limiter=limiter,
+        cache=cache,
+    )
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.aclose()
+        await limiter.aclose()
+
+
 @asynccontextmanager
 async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]:
     """Install the OpenTelemetry SDK when ``telemetry.enabled``; flush and stop it at shutdown."""
@@ -183,6 +271,10 @@ class Container(containers.DeclarativeContainer):
         open_conversation: ``await container.open_conversation(session_id)`` -> a ready
             ``ConversationManager`` whose connection is already warm; ``await manager.shutdown()``
             closes it.
+        audio_converter: PCM format conversion (soxr).
+        tts_engines: ``{"openai": ..., "espeak-ng": ...}`` (a resource: ``await container.tts_engines()``).
+        voice_service: ``await container.voice_service()`` -> the ``VoiceService`` when
+            ``voice.enabled`` (engines checked at ``init_resources()``), else ``None``.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -233,3 +325,9 @@ class Container(containers.DeclarativeContainer):
         connection_factory=connection_manager.provider,
         manager_factory=conversation_manager.provider,
     )
+
+    # Speech
+    audio_converter = providers.Singleton(SoxrAudioConverter)
+    tts_engines = providers.Resource(tts_engines, settings)
+    redis_client = providers.Resource(redis_client, redis_config)
+    voice_service = providers.Resource(voice_service, settings, tts_engines, cache, redis_client)

@@ -162,6 +162,80 @@ class SummarySettings(BaseModel):
     max_output_tokens: PositiveInt = 300
 
 
+class AudioFormatSettings(BaseModel):
+    """A PCM format."""
+
+    model_config = _STRICT
+
+    sample_rate: PositiveInt = 24_000
+    channels: int = Field(default=1, ge=1, le=8)
+    sample_width: Literal[1, 2, 3, 4] = 2
+
+
+class AgentVoice(BaseModel):
+    """How one agent speaks (``tts_enabled: false``: a text-only agent, refused quietly)."""
+
+    model_config = _STRICT
+
+    tts_enabled: bool = True
+    engine: Literal["openai", "espeak-ng"] = "espeak-ng"
+    voice: str = "ru"
+    model: str = ""
+    audio_format: AudioFormatSettings = Field(default_factory=AudioFormatSettings)
+    speed: float = Field(default=1.0, gt=0.0, le=4.0)
+    max_chars: PositiveInt = 1000
+
+
+class RateLimitSettings(BaseModel):
+    """Per-user TTS rate limit (GCRA in Redis)."""
+
+    model_config = _STRICT
+
+    limit: PositiveInt = 30
+    period_s: PositiveFloat = 60.0
+    burst: PositiveInt | None = None
+    fail_open: bool = True  # when Redis is down: allow (true) or refuse (false)
+
+
+class OpenAITTSSettings(BaseModel):
+    """OpenAI-compatible ``/v1/audio/speech`` (key and base URL default to the ``llm`` ones)."""
+
+    model_config = _STRICT
+
+    base_url: str | None = None
+    model: str = "gpt-4o-mini-tts"
+    timeout_s: PositiveFloat = 10.0
+
+
+class EspeakSettings(BaseModel):
+    """The local espeak-ng engine."""
+
+    model_config = _STRICT
+
+    binary: str = "espeak-ng"
+    timeout_s: PositiveFloat = 10.0
+    max_chars: PositiveInt = 1000
+
+
+class VoiceSettings(BaseModel):
+    """Speech: engines, per-agent voices, the per-user rate limit.
+
+    ``enabled: false`` (the default) keeps the voice service out of ``init_resources()``, so a host
+    that only uses the cache or the LLM needs no TTS engine; with ``enabled: true`` the engines every
+    TTS-enabled agent uses are checked at start and a missing key or binary fails start-up with a
+    message naming it.
+    """
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    default_agent: AgentVoice | None = Field(default_factory=AgentVoice)
+    agents: dict[str, AgentVoice] = Field(default_factory=dict)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
+    espeak: EspeakSettings = Field(default_factory=EspeakSettings)
+
+
 class TelemetrySettings(BaseModel):
     """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
 
@@ -193,6 +267,7 @@ class Settings(BaseModel):
     summary: SummarySettings = Field(default_factory=SummarySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    voice: VoiceSettings = Field(default_factory=VoiceSettings)
     #: The folder relative paths in the settings resolve against (the config file's folder).
     base_dir: str | None = None
 

@@ -78,3 +78,59 @@ def test_container_reports_bad_config_clearly(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError, match="redis.prot"):
         Container(config_path=str(bad)).settings()
+
+
+async def test_voice_service_off_by_default_and_checked_when_on(
+    redis_target: RedisTarget, key_prefix: str
+) -> None:
+    from voxcore.core.ports.errors import ConfigurationError as ConfigError
+
+    env = {
+        "REDIS_URL": redis_target.url,
+        "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
+        "VOXCORE_LOGGING__CONFIGURE": "false",
+    }
+    off = Container(settings=load_settings(env=env))
+    await off.init_resources()
+    assert await off.voice_service() is None  # a cache/LLM-only host needs no TTS engine
+    await off.shutdown_resources()
+
+    # an OpenAI voice for a remote provider without a key: start-up says what is missing
+    on = Container(
+        settings=load_settings(
+            env=env
+            | {
+                "VOXCORE_VOICE__ENABLED": "true",
+                "VOXCORE_VOICE__DEFAULT_AGENT__ENGINE": "openai",
+                "VOXCORE_VOICE__DEFAULT_AGENT__VOICE": "alloy",
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        await on.init_resources()
+    await on.shutdown_resources()
+
+
+async def test_voice_service_speaks_and_caches_through_the_container(
+    redis_target: RedisTarget, key_prefix: str
+) -> None:
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (.ci/run installs it)")
+    env = {
+        "REDIS_URL": redis_target.url,
+        "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
+        "VOXCORE_LOGGING__CONFIGURE": "false",
+        "VOXCORE_VOICE__ENABLED": "true",
+    }
+    container = Container(settings=load_settings(env=env))
+    await container.init_resources()
+    try:
+        voice = await container.voice_service()
+        first = await voice.synthesize_speech("agent-1", "двенадцать тысяч пятьсот", "user-1")
+        assert first.success and first.audio and not first.from_cache
+        second = await voice.synthesize_speech("agent-1", "двенадцать  тысяч пятьсот", "user-1")
+        assert second.success and second.from_cache and second.audio == first.audio
+    finally:
+        await container.shutdown_resources()
