@@ -23,9 +23,10 @@ from collections.abc import AsyncGenerator
 from typing import Final
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from voxcore.adapters.audio import PcmConverter
+from voxcore.adapters.audio.traced import traced_speech
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
 from voxcore.core.ports.errors import ConfigurationError, TTSError
@@ -275,29 +276,10 @@ class EspeakTTSEngine(TTSEngine):
             },
         )
         emit(logger, "tts_request", engine=self.name, chars=len(request.text), voice=request.voice)
-        produced = 0
-        try:
-            async with contextlib.aclosing(self._synthesize(request)) as chunks:
-                async for chunk in chunks:
-                    if produced == 0:
-                        ttfb_ms = _ms_since(started)
-                        span.set_attribute("voxcore.tts.time_to_first_byte_ms", ttfb_ms)
-                        emit(logger, "tts_first_byte", ms=ttfb_ms)
-                    produced += len(chunk)
-                    yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            span.set_attribute("voxcore.tts.cancelled", True)
-            raise
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            emit(logger, "tts_error", logging.WARNING, error=str(exc))
-            raise
-        else:
-            span.set_attribute("voxcore.tts.bytes", produced)
-            emit(logger, "tts_done", ms=_ms_since(started), bytes=produced)
-        finally:
-            span.end()
+        traced = traced_speech(self._synthesize(request), span=span, engine=self.name, started=started)
+        async with contextlib.aclosing(traced):  # closing early reaches the engine at once
+            async for chunk in traced:
+                yield chunk
 
     def _argv(self, request: SpeechRequest) -> list[str]:
         if not _VOICE_RE.fullmatch(request.voice):
@@ -387,7 +369,3 @@ async def _tail(stream: asyncio.StreamReader) -> str:
     while chunk := await stream.read(4096):
         kept = (kept + chunk)[-_STDERR_KEEP:]
     return " ".join(kept.decode("utf-8", "replace").split())
-
-
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000.0, 3)

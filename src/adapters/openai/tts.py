@@ -14,10 +14,8 @@ Errors (all ``TTSError``)::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import math
 import time
@@ -27,9 +25,11 @@ from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from voxcore.adapters.audio import PcmConverter
+from voxcore.adapters.audio.traced import traced_speech
+from voxcore.adapters.openai._errors import provider_message
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
 from voxcore.core.ports.errors import ConfigurationError, TTSError
@@ -49,7 +49,6 @@ DEFAULT_TTS_MODEL: Final = "gpt-4o-mini-tts"
 _MAX_INPUT_CHARS: Final = 4096  # the provider's limit for ``input``
 _MIN_SPEED: Final = 0.25
 _MAX_SPEED: Final = 4.0
-_MAX_MESSAGE_CHARS: Final = 500
 _WHAT: Final = "POST /audio/speech"
 
 
@@ -151,30 +150,12 @@ class OpenAITTSEngine(TTSEngine):
             },
         )
         emit(logger, "tts_request", engine=self.name, chars=len(request.text), voice=request.voice)
-        produced = 0
-        try:
-            async with contextlib.aclosing(self._synthesize(request, model, span)) as chunks:
-                async for chunk in chunks:
-                    if produced == 0:
-                        ttfb_ms = _ms_since(started)
-                        span.set_attribute("voxcore.tts.time_to_first_byte_ms", ttfb_ms)
-                        emit(logger, "tts_first_byte", ms=ttfb_ms)
-                    produced += len(chunk)
-                    yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            # Cancellation or an early aclose(): not a failure of the provider.
-            span.set_attribute("voxcore.tts.cancelled", True)
-            raise
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            emit(logger, "tts_error", logging.WARNING, error=str(exc))
-            raise
-        else:
-            span.set_attribute("voxcore.tts.bytes", produced)
-            emit(logger, "tts_done", ms=_ms_since(started), bytes=produced)
-        finally:
-            span.end()
+        traced = traced_speech(
+            self._synthesize(request, model, span), span=span, engine=self.name, started=started
+        )
+        async with contextlib.aclosing(traced):  # closing early reaches the engine at once
+            async for chunk in traced:
+                yield chunk
 
     async def _synthesize(
         self, request: SpeechRequest, model: str, span: trace.Span
@@ -214,7 +195,7 @@ class OpenAITTSEngine(TTSEngine):
                 content_type = response.headers.get("content-type", "")
                 if content_type.startswith(("application/json", "text/")):
                     body = await response.aread()
-                    message = _provider_message(body)
+                    message = provider_message(body)
                     raise TTSError(f"{_WHAT} answered 200 with {content_type!r} instead of audio: {message}")
                 async for data in response.aiter_bytes():
                     out = converter.feed(data)
@@ -250,32 +231,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000.0, 3)
-
-
-def _provider_message(body: bytes) -> str:
-    """The ``error.message`` of an OpenAI error body, or the body's text, shortened."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            text = error["message"]
-        elif isinstance(error, str):
-            text = error
-    text = " ".join(text.split())
-    if len(text) > _MAX_MESSAGE_CHARS:
-        text = text[: _MAX_MESSAGE_CHARS - 1] + "…"
-    return text or "(empty body)"
-
-
 def _status_error(status: int, body: bytes, headers: httpx.Headers) -> TTSError:
     transient = status in (408, 429) or status >= 500
-    text = f"TTS provider answered {status} to {_WHAT}: {_provider_message(body)}"
+    text = f"TTS provider answered {status} to {_WHAT}: {provider_message(body)}"
     retry_after = headers.get("retry-after")
     if status == 429 and retry_after:
         text += f" (retry after {retry_after}s)"
