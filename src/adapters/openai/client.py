@@ -318,7 +318,14 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         succeeded = False
         what = f"POST {CHAT_PATH}"
 
-        emit(log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages))
+        loop = asyncio.get_running_loop()
+        # Events on the TTFT path are formatted off it: call_soon runs them while the loop waits
+        # for the network (or after the first chunk has been handed over), in this context.
+        loop.call_soon(
+            functools.partial(
+                emit, log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages)
+            )
+        )
         sent = clock()
         try:
             try:
@@ -374,7 +381,15 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         ttft_s = first_at - sent
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
                                         self._ttfc.record(ttft_s, self._metric_attributes(model))
-                                        emit(log, "first_token", ttft_ms=round(ttft_s * 1000, 3), model=model)
+                                        loop.call_soon(
+                                            functools.partial(
+                                                emit,
+                                                log,
+                                                "first_token",
+                                                ttft_ms=round(ttft_s * 1000, 3),
+                                                model=model,
+                                            )
+                                        )
                                     chunks += 1
                                     if debug:
                                         emit(log, "chunk", _DEBUG, seq=chunks, size=len(content))
@@ -411,9 +426,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         # Nothing is yielded inside this block any more (the object is
                                         # closed), so the deadline can be armed again for the tail.
                                         tail_armed = True
-                                        first_token_deadline.reschedule(
-                                            asyncio.get_running_loop().time() + _TAIL_S
-                                        )
+                                        first_token_deadline.reschedule(loop.time() + _TAIL_S)
                                     # finish_reason/usage rarely ride on a content chunk: only the last
                                     # one is checked, after the loop (keeps two lookups off the hot path).
                                     last_content = obj
