@@ -76,7 +76,9 @@ def main() -> None:
     fragments = {
         "greeting": ("Здравствуйте!", 1.2, 2),
         "intro": ("Ваша стоимость составляет", 1.6, 3),
-        "currency_rub": ("рублей", 0.7, 4),
+        "currency_rub_one": ("рубль", 0.6, 4),
+        "currency_rub_few": ("рубля", 0.6, 6),
+        "currency_rub_many": ("рублей", 0.7, 7),
         "one_moment": ("Минуточку...", 0.9, 5),
     }
     lines = [
