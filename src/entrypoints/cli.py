@@ -22,7 +22,7 @@ from typing import Any
 
 from voxcore.core.domain.keys import static_key
 from voxcore.core.ports.errors import ConfigurationError
-from voxcore.entrypoints import llm_cli
+from voxcore.entrypoints import demo, llm_cli
 from voxcore.entrypoints.container import Container
 from voxcore.entrypoints.manifest import read_manifest
 from voxcore.entrypoints.runtime import open_runtime
@@ -250,7 +250,8 @@ async def _probe(container: Container, args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     """Offline demo: private Redis and the LLM simulator (unless configured), the shipped fragments,
-    the cache probe, then a short dialogue with dual context and the summary cache (md/json report)."""
+    the cache probe, a short dialogue with dual context and the summary cache, then a simulated call
+    with hybrid replies rendered to a WAV file (md/json reports; their paths are printed)."""
     if args.redis_url is None:
         args.embedded_redis = True
     fragments = _fragments_from(args.fragments or demo_manifest())
@@ -269,6 +270,9 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         probed = await _probe(runtime.container, probe_args)
         talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
+        source = args.fragments or demo_manifest()
+        specs = read_manifest(source) if source.is_file() else []
+        await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
     return loaded or probed or talked
 
 

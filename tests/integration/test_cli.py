@@ -149,7 +149,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert lines[-1]["event"] == "embedded_redis_stopped"
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
     assert any(line["event"] == "demo_dialogue_done" for line in lines)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    (call,) = [line for line in lines if line["event"] == "demo_call_done"]
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".md", ".md", ".wav"]
+    steps = [line for line in lines if line["event"] == "demo_call_step"]
+    assert len(steps) == 8 and all(s["first_audio_ms"] is not None for s in steps)
+    assert sum(s["misses"] for s in steps if s["pass_no"] == 2) == 0  # second pass: TTS from the cache
+    with wave.open(call["wav"]) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16_000, 1, 2)
+        assert w.getnframes() > 16_000 * 5  # several seconds of bot speech
 
 
 def test_missing_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:

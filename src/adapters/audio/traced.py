@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -11,20 +12,34 @@ from collections.abc import AsyncGenerator
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from voxcore.core.ports.tts import SpeechRequest
 from voxcore.events import emit
 
 logger = logging.getLogger("voxcore.tts")
 
 
 async def traced_speech(
-    chunks: AsyncGenerator[bytes, None], *, span: trace.Span, engine: str, started: float
+    chunks: AsyncGenerator[bytes, None],
+    *,
+    span: trace.Span,
+    engine: str,
+    started: float,
+    request: SpeechRequest,
 ) -> AsyncGenerator[bytes, None]:
     """Yield ``chunks`` while recording time to first byte, size and failure on ``span`` (then ending it).
 
-    Events: ``tts_first_byte`` {ms}, ``tts_done`` {ms, bytes}, ``tts_error`` {error} (WARNING).
+    Events: ``tts_request`` {engine, chars, voice}, ``tts_first_byte`` {ms}, ``tts_done`` {ms, bytes},
+    ``tts_error`` {error} (WARNING). The first two sit on the time-to-first-audio path, so they are
+    formatted off it (``call_soon``: while the request is in flight / after the first bytes went out).
     Cancellation or an early ``aclose()`` is not a provider failure: it only marks the span
     ``voxcore.tts.cancelled``.
     """
+    loop = asyncio.get_running_loop()
+    loop.call_soon(
+        functools.partial(
+            emit, logger, "tts_request", engine=engine, chars=len(request.text), voice=request.voice
+        )
+    )
     produced = 0
     try:
         async with contextlib.aclosing(chunks):
@@ -32,7 +47,9 @@ async def traced_speech(
                 if produced == 0:
                     ttfb_ms = _ms_since(started)
                     span.set_attribute("voxcore.tts.time_to_first_byte_ms", ttfb_ms)
-                    emit(logger, "tts_first_byte", engine=engine, ms=ttfb_ms)
+                    loop.call_soon(
+                        functools.partial(emit, logger, "tts_first_byte", engine=engine, ms=ttfb_ms)
+                    )
                 produced += len(chunk)
                 yield chunk
     except (GeneratorExit, asyncio.CancelledError):

@@ -31,7 +31,6 @@ from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
 from voxcore.core.ports.errors import ConfigurationError, TTSError
 from voxcore.core.ports.tts import SpeechRequest, TTSEngine
-from voxcore.events import emit
 
 __all__ = ["DEFAULT_MAX_CHARS", "EspeakTTSEngine", "WavStreamReader", "clean_text"]
 
@@ -275,8 +274,9 @@ class EspeakTTSEngine(TTSEngine):
                 "voxcore.tts.chars": len(request.text),
             },
         )
-        emit(logger, "tts_request", engine=self.name, chars=len(request.text), voice=request.voice)
-        traced = traced_speech(self._synthesize(request), span=span, engine=self.name, started=started)
+        traced = traced_speech(
+            self._synthesize(request), span=span, engine=self.name, started=started, request=request
+        )
         async with contextlib.aclosing(traced):  # closing early reaches the engine at once
             async for chunk in traced:
                 yield chunk

@@ -34,7 +34,6 @@ from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
 from voxcore.core.ports.errors import ConfigurationError, TTSError
 from voxcore.core.ports.tts import SpeechRequest, TTSEngine
-from voxcore.events import emit
 
 __all__ = ["DEFAULT_TTS_MODEL", "OPENAI_PCM_FORMAT", "OpenAITTSEngine"]
 
@@ -149,9 +148,12 @@ class OpenAITTSEngine(TTSEngine):
                 "gen_ai.request.model": model,
             },
         )
-        emit(logger, "tts_request", engine=self.name, chars=len(request.text), voice=request.voice)
         traced = traced_speech(
-            self._synthesize(request, model, span), span=span, engine=self.name, started=started
+            self._synthesize(request, model, span),
+            span=span,
+            engine=self.name,
+            started=started,
+            request=request,
         )
         async with contextlib.aclosing(traced):  # closing early reaches the engine at once
             async for chunk in traced:
