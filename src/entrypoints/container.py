@@ -14,9 +14,11 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -33,15 +35,18 @@ from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.hybrid import HybridResponder
 from voxcore.application.manager import ConversationManager
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.domain.voice import AgentVoiceSettings
+from voxcore.core.ports.errors import ConfigurationError
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.manifest import read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
@@ -218,6 +223,46 @@ async def voice_service(
         await limiter.aclose()
 
 
+async def open_hybrid_responder(
+    *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
+) -> HybridResponder:
+    """A responder speaking with ``voice.hybrid.agent``'s voice (or the default agent's).
+
+    Raises:
+        ConfigurationError: the agent is unknown or has TTS disabled, or the manifest is invalid.
+    """
+    v = settings.voice
+    name = v.hybrid.agent
+    agent = v.agents.get(name) if name else v.default_agent
+    if agent is None or not agent.tts_enabled:
+        raise ConfigurationError(
+            f"voice.hybrid.agent {name!r} has no voice: define it under voice.agents with tts_enabled"
+            if name
+            else "voice.default_agent is not set (or has TTS disabled): hybrid replies need a voice"
+        )
+    tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
+    transcripts: dict[str, str] = {}
+    if v.hybrid.manifest_path:
+        path = Path(v.hybrid.manifest_path)
+        if not path.is_absolute() and settings.base_dir:
+            path = Path(settings.base_dir) / path
+        transcripts = {spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript}
+    voice = agent_voice(agent)
+    return HybridResponder(
+        cache=cache,
+        tts=tts,
+        converter=converter,
+        target_format=voice.audio_format,
+        voice=voice.voice,
+        tts_model=voice.model,
+        transcripts=transcripts,
+        prefetch=v.hybrid.prefetch,
+        max_background_writes=v.hybrid.max_background_writes,
+        speed=voice.speed,
+        speculative_first_tts=v.hybrid.speculative_first_tts,
+    )
+
+
 @asynccontextmanager
 async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]:
     """Install the OpenTelemetry SDK when ``telemetry.enabled``; flush and stop it at shutdown."""
@@ -275,6 +320,9 @@ class Container(containers.DeclarativeContainer):
         tts_engines: ``{"openai": ..., "espeak-ng": ...}`` (a resource: ``await container.tts_engines()``).
         voice_service: ``await container.voice_service()`` -> the ``VoiceService`` when
             ``voice.enabled`` (engines checked at ``init_resources()``), else ``None``.
+        open_hybrid_responder: ``await container.open_hybrid_responder()`` -> a
+            ``HybridResponder`` with ``voice.hybrid``'s voice; ``await responder.shutdown()``
+            drains its background cache writes.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -331,3 +379,10 @@ class Container(containers.DeclarativeContainer):
     tts_engines = providers.Resource(tts_engines, settings)
     redis_client = providers.Resource(redis_client, redis_config)
     voice_service = providers.Resource(voice_service, settings, tts_engines, cache, redis_client)
+    open_hybrid_responder = providers.Coroutine(
+        open_hybrid_responder,
+        settings=settings,
+        cache=cache,
+        engines=tts_engines,
+        converter=audio_converter,
+    )

@@ -217,6 +217,18 @@ class EspeakSettings(BaseModel):
     max_chars: PositiveInt = 1000
 
 
+class HybridSettings(BaseModel):
+    """Hybrid replies (recorded fragments + TTS): whose voice, and the fragments' transcripts."""
+
+    model_config = _STRICT
+
+    agent: str | None = None  # the voice of this agent (voice.agents); default: voice.default_agent
+    manifest_path: str | None = None  # load-audio manifest; relative to the config file's folder
+    prefetch: int = Field(default=4, ge=1, le=64)
+    max_background_writes: int = Field(default=8, ge=1, le=256)
+    speculative_first_tts: bool = True
+
+
 class VoiceSettings(BaseModel):
     """Speech: engines, per-agent voices, the per-user rate limit.
 
@@ -234,6 +246,7 @@ class VoiceSettings(BaseModel):
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
     espeak: EspeakSettings = Field(default_factory=EspeakSettings)
+    hybrid: HybridSettings = Field(default_factory=HybridSettings)
 
 
 class TelemetrySettings(BaseModel):

@@ -134,3 +134,48 @@ async def test_voice_service_speaks_and_caches_through_the_container(
         assert second.success and second.from_cache and second.audio == first.audio
     finally:
         await container.shutdown_resources()
+
+
+async def test_host_plays_a_hybrid_reply_through_the_container(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    from voxcore.core.domain.audio import AudioFormat, plan_chunks, split_pcm
+    from voxcore.core.domain.russian import hybrid_amount_playlist
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (.ci/run installs it)")
+    manifest = tmp_path / "fragments.yml"
+    manifest.write_text(
+        "fragments:\n  - {key: static:intro, file: intro.wav, transcript: Ваша стоимость составляет}\n"
+    )
+    config = tmp_path / "voxcore.yml"
+    config.write_text(
+        f"redis: {{url: '{redis_target.url}'}}\ncache: {{key_prefix: '{key_prefix}'}}\n"
+        "logging: {configure: false}\n"
+        "voice:\n  default_agent: {engine: espeak-ng, voice: ru, audio_format: {sample_rate: 16000}}\n"
+        "  hybrid: {manifest_path: fragments.yml}\n"
+    )
+    container = Container(config_path=str(config))
+    await container.init_resources()
+    try:
+        cache = container.cache()
+        fmt = AudioFormat(16_000, 1, 2)
+        rubles = bytes(range(256)) * 25  # 6400 bytes = 200 ms
+        assert await cache.set_audio_fragment(
+            "static:currency_rub_many", split_pcm(rubles, plan_chunks(fmt, 20)), fmt
+        )
+        responder = await container.open_hybrid_responder()
+        # static:intro is missing: spoken from the manifest's transcript; "12 500" synthesized; rubles cached
+        audio = b"".join([chunk async for chunk in responder.play(hybrid_amount_playlist(12_500))])
+        assert audio.endswith(rubles) and len(audio) > len(rubles) + 16_000  # speech before the fragment
+        metrics = responder.last_metrics
+        assert metrics is not None and metrics.hits == 1 and metrics.first_audio_ms is not None
+        await responder.shutdown()  # the synthesized parts are stored before this returns
+        again = await container.open_hybrid_responder()
+        replay = b"".join([chunk async for chunk in again.play(hybrid_amount_playlist(12_500))])
+        assert replay == audio and again.last_metrics is not None and again.last_metrics.misses == 0
+        await again.shutdown()
+    finally:
+        await container.shutdown_resources()
