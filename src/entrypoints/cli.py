@@ -264,6 +264,9 @@ async def _demo(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         embedded_redis=args.embedded_redis,
         use_llm=True,
+        # The demo's private Redis keeps its data beside the reports, so a second run plays the
+        # synthesized parts from the TTS cache the first run filled.
+        embedded_data_dir=args.report_dir / ".demo-redis",
     ) as runtime:
         loaded = await _load_fragments(
             runtime.container, fragments, args.chunk_ms, str(args.fragments or "shipped")

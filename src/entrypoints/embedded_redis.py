@@ -44,9 +44,14 @@ class EmbeddedRedis:
     Args:
         port: Port to bind; a free one is chosen when omitted.
         binary: ``redis-server`` path; looked up on PATH when omitted.
+        data_dir: Keep the data across runs in this folder (an RDB snapshot written when the
+            server stops and read when it starts; the demo uses it so a second run finds its
+            TTS cache). Default: a temporary folder and no persistence.
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, data_dir: Path | None = None
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if not found:
             raise ConfigurationError(
@@ -56,6 +61,7 @@ class EmbeddedRedis:
         self.binary = found
         self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="voxcore-redis-")
+        self._data_dir = data_dir
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,13 +78,17 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         if self.running:
             return self
+        if self._data_dir is not None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+        # With a data folder, a save point makes redis-server write its snapshot when it stops.
+        save, folder = ("3600 1", str(self._data_dir)) if self._data_dir else ("", self._dir.name)
         args = [
             self.binary,
             "--bind", "127.0.0.1",
             "--port", str(self.port),
-            "--save", "",
+            "--save", save,
             "--appendonly", "no",
-            "--dir", self._dir.name,
+            "--dir", folder,
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--loglevel", "warning",

@@ -100,6 +100,7 @@ async def open_runtime(
     prompts: Path | None = None,
     context_window_tokens: int | None = None,
     simulator_options: dict[str, Any] | None = None,
+    embedded_data_dir: Path | None = None,
 ) -> AsyncIterator[Runtime]:
     """Resolve Redis and the LLM provider, then yield a container with resources initialised.
 
@@ -117,10 +118,17 @@ async def open_runtime(
     simulator: OpenAISimulator | None = None
     url = redis_url
     if url is None and (embedded_redis or not _redis_known(settings)):
-        embedded = await asyncio.to_thread(lambda: EmbeddedRedis().start())
+        embedded = await asyncio.to_thread(lambda: EmbeddedRedis(data_dir=embedded_data_dir).start())
         url = embedded.url
         reason = "requested (--embedded-redis)" if embedded_redis else "no Redis configured or answering"
-        emit(log, "embedded_redis_started", url=url, binary=embedded.binary, reason=reason)
+        emit(
+            log,
+            "embedded_redis_started",
+            url=url,
+            binary=embedded.binary,
+            reason=reason,
+            data_dir=str(embedded_data_dir) if embedded_data_dir else None,
+        )
     if url is not None:
         settings = _update(settings, "redis", url=url)
     try:

@@ -150,7 +150,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
     assert any(line["event"] == "demo_dialogue_done" for line in lines)
     (call,) = [line for line in lines if line["event"] == "demo_call_done"]
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".md", ".md", ".wav"]
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.is_file()) == [
+        ".json",
+        ".json",
+        ".md",
+        ".md",
+        ".wav",
+    ]
+    assert (tmp_path / ".demo-redis" / "dump.rdb").is_file()  # a second run finds the TTS cache
     steps = [line for line in lines if line["event"] == "demo_call_step"]
     assert len(steps) == 8 and all(s["first_audio_ms"] is not None for s in steps)
     assert sum(s["misses"] for s in steps if s["pass_no"] == 2) == 0  # second pass: TTS from the cache
