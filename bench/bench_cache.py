@@ -30,6 +30,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
+from benchdoc import MARKER
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.redis.cache import RedisCacheManager
@@ -203,7 +204,7 @@ def main() -> int:
     sys.stdout.write(report)
     if args.write:
         existing = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
-        marker = "\n<!-- more benchmarks below -->\n"
+        marker = f"\n{MARKER}\n"
         tail = existing[existing.index(marker) :] if marker in existing else ""
         args.write.write_text(report + tail, encoding="utf-8")
     return 0 if all(r.ok for r in rows) else 1

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import httpx
 import numpy as np
 import redis
 import redis.asyncio as aioredis
+from benchdoc import merge_section
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.audio import SoxrAudioConverter
@@ -59,7 +59,6 @@ from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.logging import configure_logging
 
 HEADING = "## Hybrid responder"
-MARKER = "<!-- more benchmarks below -->"
 PCM24 = AudioFormat(24_000, 1, 2)
 VOICE = "alloy"
 FIRST_BYTE_MS = 30.0
@@ -334,27 +333,6 @@ def render(rows: list[Row], extra: dict[str, float], url: str, rounds: int, iter
     return "\n".join(lines) + "\n"
 
 
-def merge_section(existing: str, section: str) -> str:
-    """``existing`` with its ``## Hybrid responder`` section replaced by ``section`` (or appended).
-
-    Only the text from the heading up to the next ``## `` heading (or the end) is replaced. A new
-    section goes below the ``<!-- more benchmarks below -->`` marker (added when missing), which
-    ``bench_cache.py`` keeps, with everything after it, when it rewrites the top of the file.
-    """
-    found = re.search(rf"^{re.escape(HEADING)}[ \t]*$", existing, re.MULTILINE)
-    if found:
-        following = re.compile(r"^## ", re.MULTILINE).search(existing, found.end())
-        if following is None:
-            return existing[: found.start()] + section
-        return existing[: found.start()] + section + "\n" + existing[following.start() :]
-    if not existing.strip():
-        return f"{MARKER}\n\n{section}"
-    head = existing.rstrip("\n")
-    if MARKER not in existing:
-        head += f"\n\n{MARKER}"
-    return f"{head}\n\n{section}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -371,7 +349,7 @@ def main() -> int:
     sys.stdout.write(section)
     if args.write:
         existing = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
-        args.write.write_text(merge_section(existing, section), encoding="utf-8")
+        args.write.write_text(merge_section(existing, section, HEADING), encoding="utf-8")
     return 0 if all(r.ok is not False for r in rows) else 1
 
 

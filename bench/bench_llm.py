@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from typing import Any, Literal
 
 import httpx
 import openai
+from benchdoc import merge_section
 from dependency_injector import providers
 
 from voxcore.adapters.openai.client import OpenAILLMClient
@@ -73,7 +73,6 @@ from voxcore.entrypoints.settings import load_settings
 from voxcore.simulator import OpenAISimulator
 
 HEADING = "## LLM"
-MARKER = "<!-- more benchmarks below -->"
 MODEL = "gpt-4o-mini"
 #: ``max_tokens`` of the long stream: above the simulator's estimate of the answer (~4 chars a token).
 LONG_MAX_TOKENS = 8192
@@ -187,27 +186,6 @@ def render(rows: Sequence[Row], rounds: int, quick: bool) -> str:
             f"| {row.target} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def merge_section(existing: str, section: str) -> str:
-    """``existing`` with its ``## LLM`` section replaced by ``section`` (or appended).
-
-    Only the text from the heading up to the next ``## `` heading (or the end) is replaced. A new
-    section goes below the ``<!-- more benchmarks below -->`` marker (added when missing), which
-    ``bench_cache.py`` keeps, with everything after it, when it rewrites the top of the file.
-    """
-    found = re.search(rf"^{re.escape(HEADING)}[ \t]*$", existing, re.MULTILINE)
-    if found:
-        following = re.compile(r"^## ", re.MULTILINE).search(existing, found.end())
-        if following is None:
-            return existing[: found.start()] + section
-        return existing[: found.start()] + section + "\n" + existing[following.start() :]
-    if not existing.strip():
-        return f"{MARKER}\n\n{section}"
-    head = existing.rstrip("\n")
-    if MARKER not in existing:
-        head += f"\n\n{MARKER}"
-    return f"{head}\n\n{section}"
 
 
 # -- the simulator, in its own process ----------------------------------------------------------------------
@@ -831,7 +809,7 @@ def main() -> int:
     sys.stdout.write(section)
     if args.write:
         existing = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
-        args.write.write_text(merge_section(existing, section), encoding="utf-8")
+        args.write.write_text(merge_section(existing, section, HEADING), encoding="utf-8")
     return 0 if all(row.ok is not False for row in rows) else 1
 
 

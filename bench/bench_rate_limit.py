@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import io
 import platform
-import re
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
+from benchdoc import merge_section
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.redis import rate_limit
@@ -42,7 +42,6 @@ from voxcore.entrypoints.logging import configure_logging
 Op = Callable[[], Awaitable[object]]
 
 HEADING = "## Rate limiter"
-MARKER = "<!-- more benchmarks below -->"
 TARGET = 1.2
 
 
@@ -161,27 +160,6 @@ def render(rows: list[Row], url: str, rounds: int, iterations: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_section(existing: str, section: str) -> str:
-    """``existing`` with its ``## Rate limiter`` section replaced by ``section`` (or appended).
-
-    Only the text from the heading up to the next ``## `` heading (or the end) is replaced. A new
-    section goes below the ``<!-- more benchmarks below -->`` marker (added when missing), which
-    ``bench_cache.py`` keeps, with everything after it, when it rewrites the top of the file.
-    """
-    found = re.search(rf"^{re.escape(HEADING)}[ \t]*$", existing, re.MULTILINE)
-    if found:
-        following = re.compile(r"^## ", re.MULTILINE).search(existing, found.end())
-        if following is None:
-            return existing[: found.start()] + section
-        return existing[: found.start()] + section + "\n" + existing[following.start() :]
-    if not existing.strip():
-        return f"{MARKER}\n\n{section}"
-    head = existing.rstrip("\n")
-    if MARKER not in existing:
-        head += f"\n\n{MARKER}"
-    return f"{head}\n\n{section}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", help="use this server instead of a private redis-server")
@@ -200,7 +178,7 @@ def main() -> int:
     sys.stdout.write(section)
     if args.write:
         existing = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
-        args.write.write_text(merge_section(existing, section), encoding="utf-8")
+        args.write.write_text(merge_section(existing, section, HEADING), encoding="utf-8")
     return 0 if all(r.ok for r in rows) else 1
 
 
