@@ -252,6 +252,7 @@ async def _demo(args: argparse.Namespace) -> int:
     """Offline demo: private Redis and the LLM simulator (unless configured), the shipped fragments,
     the cache probe, a short dialogue with dual context and the summary cache, then a simulated call
     with hybrid replies rendered to a WAV file (md/json reports; their paths are printed)."""
+    started = time.time()
     if args.redis_url is None:
         args.embedded_redis = True
     fragments = _fragments_from(args.fragments or demo_manifest())
@@ -275,7 +276,12 @@ async def _demo(args: argparse.Namespace) -> int:
         talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
         source = args.fragments or demo_manifest()
         specs = read_manifest(source) if source.is_file() else []
-        await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+        call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+    files = sorted(
+        str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started
+    )  # fmt: skip
+    _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files})
+    sys.stderr.write("demo output:\n" + "".join(f"  {f}\n" for f in files))
     return loaded or probed or talked
 
 

@@ -150,6 +150,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
     assert any(line["event"] == "demo_dialogue_done" for line in lines)
     (call,) = [line for line in lines if line["event"] == "demo_call_done"]
+    (done,) = [line for line in lines if line["event"] == "demo_done"]
+    assert done["call_audio"] == call["wav"] and len(done["files"]) == 5
     assert sorted(p.suffix for p in tmp_path.iterdir() if p.is_file()) == [
         ".json",
         ".json",
