@@ -146,7 +146,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     lines = json_lines(done.stdout)
     summary = next(line for line in lines if line["event"] == "load_audio_summary")
     assert summary["loaded"] == 6 and summary["failed"] == 0
-    assert lines[-1]["event"] == "embedded_redis_stopped"
+    assert [line["event"] for line in lines[-2:]] == ["embedded_redis_stopped", "demo_done"]
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
     assert any(line["event"] == "demo_dialogue_done" for line in lines)
     (call,) = [line for line in lines if line["event"] == "demo_call_done"]
