@@ -61,6 +61,15 @@ class _Job:
         return round((self.clock() - self.started) * 1000.0, 3)
 
 
+class _Failed:
+    """What ``SpeechStream._pull`` returns when the engine failed (the result is already ended)."""
+
+    __slots__ = ()
+
+
+_FAILED: Final = _Failed()
+
+
 class SpeechStream:
     """The audio of one streamed request: an async iterator of PCM chunks that never raises.
 
@@ -126,17 +135,9 @@ class SpeechStream:
         if self._stop is not None:
             await self._end(SpeechResult.unavailable(self._stop), event="tts_stream_closed")
             raise StopAsyncIteration
-        self._busy = True
-        try:
-            with trace.use_span(
-                job.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-            ):
-                chunk = await _next_chunk(source)
-        except Exception as exc:
-            await self._end(_failure(exc, job), event="tts_failed")
-            raise StopAsyncIteration from None
-        finally:
-            self._busy = False
+        chunk = await self._pull(source, job)
+        if isinstance(chunk, _Failed):
+            raise StopAsyncIteration
         if chunk is None:
             await self._complete(job)
             raise StopAsyncIteration
@@ -169,17 +170,9 @@ class SpeechStream:
         """Fetch the first chunk, so that a failure before any audio is a result, not a stream."""
         source, job = self._source, self._job
         assert source is not None and job is not None
-        self._busy = True
-        try:
-            with trace.use_span(
-                job.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-            ):
-                chunk = await _next_chunk(source)
-        except Exception as exc:
-            await self._end(_failure(exc, job), event="tts_failed")
+        chunk = await self._pull(source, job)
+        if isinstance(chunk, _Failed):
             return
-        finally:
-            self._busy = False
         if chunk is None:
             await self._end(SpeechResult.engine_error("the engine produced no audio"), event="tts_failed")
             return
@@ -188,6 +181,21 @@ class SpeechStream:
             return
         self._take(chunk, job)
         self._pending = chunk
+
+    async def _pull(self, source: AsyncIterator[bytes], job: _Job) -> bytes | None | _Failed:
+        """The engine's next chunk inside the request's span; ``None`` at the end; ``_FAILED`` (the
+        result already ended as a failure) when the engine raised."""
+        self._busy = True
+        try:
+            with trace.use_span(
+                job.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                return await _next_chunk(source)
+        except Exception as exc:
+            await self._end(_failure(exc, job), event="tts_failed")
+            return _FAILED
+        finally:
+            self._busy = False
 
     async def _complete(self, job: _Job) -> None:
         stored = False

@@ -1383,6 +1383,23 @@ class OpenAISimulator:
             None,
         )
 
+    async def _valid_body(
+        self,
+        req: _Request,
+        writer: asyncio.StreamWriter,
+        validate: Callable[[Any], tuple[int, str, str | None, str | None] | None],
+    ) -> Any:
+        """The request's parsed JSON body, or the keep-alive flag of the error response already sent."""
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            return await self._bad_json(writer, req)
+        invalid = validate(body)
+        if invalid is not None:
+            status, message, param, code = invalid
+            return await self._send_error(writer, req, status, message, "invalid_request_error", code, param)
+        return body
+
     async def _chat(
         self,
         req: _Request,
@@ -1390,14 +1407,9 @@ class OpenAISimulator:
         writer: asyncio.StreamWriter,
         plan: RequestPlan | None,
     ) -> bool:
-        try:
-            body = json.loads(req.body)
-        except ValueError:
-            return await self._bad_json(writer, req)
-        invalid = self._validate_chat(body)
-        if invalid is not None:
-            status, message, param, code = invalid
-            return await self._send_error(writer, req, status, message, "invalid_request_error", code, param)
+        body = await self._valid_body(req, writer, self._validate_chat)
+        if isinstance(body, bool):
+            return body
         try:
             reply = await self._reply(body, plan)
         except Exception as err:
@@ -1599,14 +1611,9 @@ class OpenAISimulator:
         writer: asyncio.StreamWriter,
         plan: RequestPlan | None,
     ) -> bool:
-        try:
-            body = json.loads(req.body)
-        except ValueError:
-            return await self._bad_json(writer, req)
-        invalid = self._validate_speech(body)
-        if invalid is not None:
-            status, message, param, code = invalid
-            return await self._send_error(writer, req, status, message, "invalid_request_error", code, param)
+        body = await self._valid_body(req, writer, self._validate_speech)
+        if isinstance(body, bool):
+            return body
         fmt = body.get("response_format")
         pcm = synthetic_speech(body["input"], speed=float(body.get("speed", 1.0)))
         audio = _wav_header(len(pcm)) + pcm if fmt == "wav" else pcm
