@@ -237,16 +237,7 @@ class SpeechStream:
                 cached=stored,
             )
         elif event == "tts_failed":
-            emit(
-                logger,
-                "tts_failed",
-                logging.WARNING,
-                agent=job.agent_id,
-                engine=job.engine,
-                error=result.error,
-                transient=result.transient,
-            )
-            span.set_status(Status(StatusCode.ERROR, result.error or "speech synthesis failed"))
+            _report_failure(job, result, span)
         else:
             emit(
                 logger,
@@ -556,16 +547,7 @@ class VoiceService:
         """A request that ends before any audio source was opened."""
         job.span.set_attribute("voxcore.tts.reason", result.reason)
         if result.reason == "engine_error":
-            job.span.set_status(Status(StatusCode.ERROR, result.error or "speech synthesis failed"))
-            emit(
-                logger,
-                "tts_failed",
-                logging.WARNING,
-                agent=job.agent_id,
-                engine=job.engine,
-                error=result.error,
-                transient=result.transient,
-            )
+            _report_failure(job, result, job.span)
             job.span.end()
             return SpeechStream(result)
         job.span.end()
@@ -666,6 +648,20 @@ class VoiceService:
             return
         self._reported_unknown.add(key)
         emit(logger, "tts_unknown_agent", logging.INFO, agent=key)
+
+
+def _report_failure(job: _Job, result: SpeechResult, span: trace.Span) -> None:
+    """One ``tts_failed`` WARNING and an error status on the request's span."""
+    emit(
+        logger,
+        "tts_failed",
+        logging.WARNING,
+        agent=job.agent_id,
+        engine=job.engine,
+        error=result.error,
+        transient=result.transient,
+    )
+    span.set_status(Status(StatusCode.ERROR, result.error or "speech synthesis failed"))
 
 
 async def _next_chunk(source: AsyncIterator[bytes]) -> bytes | None:
