@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from voxcore.core.domain.audio import AudioFormat
@@ -39,11 +39,12 @@ class TTSEngine(abc.ABC):
     name: str = "tts"
 
     @abc.abstractmethod
-    def stream_speech(self, request: SpeechRequest) -> AsyncIterator[bytes]:
+    def stream_speech(self, request: SpeechRequest) -> AsyncGenerator[bytes, None]:
         """Yield PCM bytes in ``request.audio_format`` as soon as they are available.
 
         Chunks have arbitrary sizes but always hold whole frames. The first bytes should arrive as
-        early as the engine allows (time to first byte is what a caller waits for).
+        early as the engine allows (time to first byte is what a caller waits for). Closing the
+        generator early (``aclose``) must release the request or process at once.
 
         Raises:
             TTSError: synthesis failed (before or during the stream); a partial stream must not be
