@@ -18,6 +18,8 @@ from opentelemetry import trace
 from voxcore.events import FIELDS_ATTR
 
 _HANDLER_MARK = "_voxcore_json_handler"
+# json.dumps() with options builds a new encoder per call; one shared encoder saves that on every line.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,7 +41,7 @@ class JsonFormatter(logging.Formatter):
             payload["span_id"] = format(context.span_id, "016x")
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=False, default=str)
+        return _ENCODER.encode(payload)
 
 
 def configure_logging(
