@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,17 @@ async def open_hybrid_responder(
     )
 
 
+def preload_llm(
+    settings: Settings, prompts: Callable[[], object], tokenizer: Callable[[], Tokenizer]
+) -> Iterator[None]:
+    """Build the prompts and the tokenizer at start-up (``llm.preload``): a broken prompts file fails
+    ``init_resources()``, and the first call does not pay for loading the BPE ranks."""
+    if settings.llm.preload:
+        prompts()
+        tokenizer()
+    yield None
+
+
 @asynccontextmanager
 async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]:
     """Install the OpenTelemetry SDK when ``telemetry.enabled``; flush and stop it at shutdown."""
@@ -340,6 +351,7 @@ class Container(containers.DeclarativeContainer):
     tokenizer = providers.Singleton(tokenizer_for, settings)
     openai_config = providers.Singleton(openai_config_from, settings)
     dual_policy = providers.Singleton(dual_policy_from, settings)
+    llm_preload = providers.Resource(preload_llm, settings, prompts.provider, tokenizer.provider)
 
     # LLM: one call's objects
     connection_manager = providers.Factory(OpenAIConnectionManager, openai_config)

@@ -128,6 +128,7 @@ class LLMSettings(BaseModel):
     stream_usage: bool = True  # ask for usage in the last chunk (stream_options.include_usage)
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
+    preload: bool = True  # load prompts and the tokenizer (~0.2 s) at init_resources(), not at the first call
 
     @model_validator(mode="after")
     def _keepalive_outlives_warmup(self) -> LLMSettings:

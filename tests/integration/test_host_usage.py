@@ -179,3 +179,20 @@ async def test_host_plays_a_hybrid_reply_through_the_container(
         await again.shutdown()
     finally:
         await container.shutdown_resources()
+
+
+async def test_broken_prompts_fail_at_start_not_at_the_first_call(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    from voxcore.core.ports.errors import ConfigurationError as ConfigError
+
+    (tmp_path / "prompts.yml").write_text("system_prompt: hi\n")  # two prompts missing
+    config = tmp_path / "voxcore.yml"
+    config.write_text(
+        f"redis: {{url: '{redis_target.url}'}}\ncache: {{key_prefix: '{key_prefix}'}}\n"
+        "logging: {configure: false}\nllm: {prompts_path: prompts.yml}\n"
+    )
+    container = Container(config_path=str(config))
+    with pytest.raises(ConfigError, match="prompts"):
+        await container.init_resources()
+    await container.shutdown_resources()
