@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
-from benchdoc import MARKER
+from benchdoc import MARKER, run_context
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.redis.cache import RedisCacheManager
@@ -172,9 +170,7 @@ def render(rows: list[Row], url: str) -> str:
         "First-chunk rows time only the first chunk; both sides then read the rest of the list untimed",
         "(the stream's tail fetch vs a raw `LRANGE 1 -1`), so each timed read starts from the same state.",
         "",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        *run_context(),
         f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}",
         "",
         "| operation | raw (us) | voxcore (us) | ratio | target | ok |",

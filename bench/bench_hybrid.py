@@ -29,21 +29,19 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import redis
 import redis.asyncio as aioredis
-from benchdoc import merge_section
+from benchdoc import merge_section, run_context
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.audio import SoxrAudioConverter
@@ -301,9 +299,7 @@ def render(rows: list[Row], extra: dict[str, float], url: str, rounds: int, iter
         "microseconds. Each call then consumes the rest untimed. Logging is configured as in production",
         "(JSON at INFO).",
         "",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        *run_context(),
         f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}; "
         f"httpx {httpx.__version__}",
         "",

@@ -32,7 +32,6 @@ import asyncio
 import io
 import json
 import logging
-import platform
 import signal
 import statistics
 import subprocess
@@ -40,13 +39,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import openai
-from benchdoc import merge_section
+from benchdoc import merge_section, run_context
 from dependency_injector import providers
 
 from voxcore.adapters.openai.client import OpenAILLMClient
@@ -170,9 +168,7 @@ def render(rows: Sequence[Row], rounds: int, quick: bool) -> str:
         "  `TurnMetrics.time_to_first_token_ms` of turn 1 vs later turns, 100 ms first-token delay,",
         "  50 ms idle before every turn (an untimed conversation warms the process first).",
         "",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        *run_context(),
         f"- httpx {httpx.__version__}, openai {openai.__version__}; rounds: {rounds}"
         + (" (--quick)" if quick else ""),
         "",

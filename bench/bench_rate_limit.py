@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
-from benchdoc import merge_section
+from benchdoc import merge_section, run_context
 from redis.utils import HIREDIS_AVAILABLE
 
 from voxcore.adapters.redis import rate_limit
@@ -143,9 +141,7 @@ def render(rows: list[Row], url: str, rounds: int, iterations: int) -> str:
         "of each round's median latency, in microseconds. Logging is configured as in production (JSON",
         "at INFO). Ratios matter; absolute numbers depend on the machine.",
         "",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        *run_context(),
         f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}",
         "",
         "| operation | raw (us) | voxcore (us) | ratio | target | ok |",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import re
+from datetime import UTC, datetime
 
 #: Everything below this line of docs/benchmarks.md belongs to the per-area sections;
 #: bench_cache.py rewrites only what is above it.
@@ -27,3 +29,12 @@ def merge_section(existing: str, section: str, heading: str) -> str:
     if MARKER not in existing:
         head += f"\n\n{MARKER}"
     return f"{head}\n\n{section}"
+
+
+def run_context() -> list[str]:
+    """The date and machine lines every benchmark section starts with."""
+    return [
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
+    ]
