@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import RedisTarget
 from voxcore.entrypoints.container import Container
+from voxcore.entrypoints.runtime import maybe_await
 from voxcore.entrypoints.settings import load_settings
 from voxcore.simulator import OpenAISimulator
 
@@ -108,7 +109,8 @@ async def test_voice_service_off_by_default_and_checked_when_on(
     )
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         await on.init_resources()
-    await on.shutdown_resources()
+    # after a failed start only sync resources may be up: then there is nothing to await
+    await maybe_await(on.shutdown_resources())
 
 
 async def test_voice_service_speaks_and_caches_through_the_container(
@@ -195,4 +197,5 @@ async def test_broken_prompts_fail_at_start_not_at_the_first_call(
     container = Container(config_path=str(config))
     with pytest.raises(ConfigError, match="prompts"):
         await container.init_resources()
-    await container.shutdown_resources()
+    # after a failed start only sync resources may be up: then there is nothing to await
+    await maybe_await(container.shutdown_resources())
