@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo test lint typecheck unit integration bench clean
+.PHONY: install demo test test-py313 lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/python -m pytest -q
 
+# The pytest suite on Python 3.13 in a venv of its own (CI runs it after `make test`).
+PY313 ?= python3.13
+VENV313 := .venv313
+$(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
+	test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV313)/bin/python -m pip install --quiet -e ".[test,otel]" --config-settings editable_mode=strict
+	@touch $@
+
+test-py313: $(VENV313)/.voxcore-installed
+	$(VENV313)/bin/python -m pytest -q
+
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -45,4 +57,4 @@ bench: install
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
