@@ -2,8 +2,9 @@
 
 Every command prints JSON lines on stdout. Redis is found in this order: ``--redis-url``;
 ``--embedded-redis``; the configured location (config file, ``REDIS_URL``/``REDIS_HOST``...);
-a server answering on 127.0.0.1:6379; otherwise a ``redis-server`` from PATH started on a free
-loopback port for the run (announced with ``embedded_redis_started``).
+otherwise a ``redis-server`` from PATH started on a free loopback port for the run, with a random
+password (announced with ``embedded_redis_started``). A Redis that merely answers on
+127.0.0.1:6379 is never written to unless it is configured.
 """
 
 from __future__ import annotations
@@ -280,8 +281,13 @@ async def _demo(args: argparse.Namespace) -> int:
     files = sorted(
         str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started
     )  # fmt: skip
-    _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files})
+    redis_dir = str(args.report_dir / ".demo-redis") if args.embedded_redis else None
+    _print_json(
+        {"event": "demo_done", "call_audio": call["wav"], "files": files, "redis_data_dir": redis_dir}
+    )
     sys.stderr.write("demo output:\n" + "".join(f"  {f}\n" for f in files))
+    if redis_dir is not None:
+        sys.stderr.write(f"demo Redis data (private, 0700; delete it to start afresh): {redis_dir}\n")
     return loaded or probed or talked
 
 

@@ -79,6 +79,9 @@ def build_cache(settings: Settings, redis_config: RedisConfig) -> RedisCacheMana
         tts_ttl_seconds=c.tts_ttl_seconds,
         stream_first_batch=c.stream_first_batch,
         prev_grace_seconds=c.prev_grace_seconds,
+        op_timeout_ms=c.op_timeout_ms,
+        bulk_timeout_ms=c.bulk_timeout_ms,
+        extra_namespaces=c.extra_namespaces,
         breaker=CircuitBreaker(
             base_window_s=c.breaker_base_window_ms / 1000, max_window_s=c.breaker_max_window_ms / 1000
         ),
@@ -207,6 +210,7 @@ async def voice_service(
         burst=v.rate_limit.burst,
         fail_open=v.rate_limit.fail_open,
         key_prefix=settings.cache.key_prefix,
+        op_timeout_s=v.rate_limit.op_timeout_ms / 1000,
     )
     service = VoiceService(
         agents={name: agent_voice(agent) for name, agent in v.agents.items()},

@@ -1,11 +1,14 @@
 """Start a throw-away ``redis-server`` on a free 127.0.0.1 port (temp dir, no persistence).
 
-Used by the CLI when no Redis is configured or reachable, by ``make demo`` and by the test fixture
-when no Docker engine answers. The server never touches a Redis already running on the machine.
+Used by the CLI when no Redis is configured, by ``make demo`` and by the test fixture when no
+Docker engine answers. The server never touches a Redis already running on the machine: it binds
+127.0.0.1 on a port of its own and requires a random password (other local users cannot use it).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -46,11 +49,20 @@ class EmbeddedRedis:
         binary: ``redis-server`` path; looked up on PATH when omitted.
         data_dir: Keep the data across runs in this folder (an RDB snapshot written when the
             server stops and read when it starts; the demo uses it so a second run finds its
-            TTS cache). Default: a temporary folder and no persistence.
+            TTS cache). It is created private (0700) and made private if it exists. Default: a
+            temporary folder and no persistence.
+        password: ``requirepass``; a random one when omitted (part of :attr:`url`).
+        extra_args: More ``redis-server`` options (tests use ``--enable-debug-command yes``).
     """
 
     def __init__(
-        self, port: int | None = None, binary: str | None = None, data_dir: Path | None = None
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        data_dir: Path | None = None,
+        *,
+        password: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         found = binary or shutil.which("redis-server")
         if not found:
@@ -62,12 +74,27 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="voxcore-redis-")
         self._data_dir = data_dir
+        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self._extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedRedis(port={self.port}, running={self.running}, data_dir={self._data_dir})"
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://:<password>@127.0.0.1:<port>/0`` (mask it before logging: ``safe_url``)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def safe_url(self) -> str:
+        """:attr:`url` with the password hidden."""
+        return f"redis://:***@127.0.0.1:{self.port}/0"
+
+    @property
+    def data_dir(self) -> Path | None:
+        """Where the data persists across runs (``None``: a temporary folder)."""
+        return self._data_dir
 
     @property
     def running(self) -> bool:
@@ -79,7 +106,8 @@ class EmbeddedRedis:
         if self.running:
             return self
         if self._data_dir is not None:
-            self._data_dir.mkdir(parents=True, exist_ok=True)
+            self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self._data_dir, 0o700)  # also when it existed: the snapshot is the cache's data
         # With a data folder, a save point makes redis-server write its snapshot when it stops.
         save, folder = ("3600 1", str(self._data_dir)) if self._data_dir else ("", self._dir.name)
         args = [
@@ -93,7 +121,14 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--loglevel", "warning",
             "--logfile", str(Path(self._dir.name) / "redis.log"),
+            *self._extra_args,
         ]  # fmt: skip
+        # The password goes in a config file readable by this user only, not on the command line
+        # (which every local user can read in /proc).
+        conf = Path(self._dir.name) / "auth.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f"requirepass {self.password}\n", encoding="utf-8")
+        args.insert(1, str(conf))
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

@@ -1,7 +1,8 @@
 """What a CLI run needs: settings, a Redis, an LLM provider (or the local simulator), a container.
 
-Redis: ``--redis-url``; ``--embedded-redis``; the configured location; a server answering on
-127.0.0.1:6379; else a private ``redis-server`` for the run (``embedded_redis_started``).
+Redis: ``--redis-url``; ``--embedded-redis``; the configured location (config file, ``REDIS_URL``/
+``REDIS_HOST``...); else a private ``redis-server`` for the run (``embedded_redis_started``), with a
+random password. A Redis that merely answers on 127.0.0.1:6379 is never used unless configured.
 
 LLM: the configured provider when ``OPENAI_API_KEY``/``OPENAI_BASE_URL`` (or ``llm.api_key``/
 ``llm.base_url``) are set; otherwise the project's local OpenAI-compatible *simulator* is started
@@ -22,7 +23,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from voxcore.entrypoints.container import Container
-from voxcore.entrypoints.embedded_redis import EmbeddedRedis, port_answers
+from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.logging import configure_logging
 from voxcore.entrypoints.settings import Settings, load_settings
 from voxcore.events import emit
@@ -120,14 +121,19 @@ async def open_runtime(
     if url is None and (embedded_redis or not _redis_known(settings)):
         embedded = await asyncio.to_thread(lambda: EmbeddedRedis(data_dir=embedded_data_dir).start())
         url = embedded.url
-        reason = "requested (--embedded-redis)" if embedded_redis else "no Redis configured or answering"
+        reason = (
+            "requested (--embedded-redis)"
+            if embedded_redis
+            else "no Redis configured (--redis-url, REDIS_URL, config)"
+        )
         emit(
             log,
             "embedded_redis_started",
-            url=url,
+            url=embedded.safe_url,
             binary=embedded.binary,
             reason=reason,
             data_dir=str(embedded_data_dir) if embedded_data_dir else None,
+            data_dir_mode="0700" if embedded_data_dir else None,
         )
     if url is not None:
         settings = _update(settings, "redis", url=url)
@@ -166,10 +172,14 @@ async def open_runtime(
             await simulator.stop()
         if embedded is not None:
             await asyncio.to_thread(embedded.close)
-            emit(log, "embedded_redis_stopped", url=url)
+            emit(
+                log,
+                "embedded_redis_stopped",
+                url=embedded.safe_url,
+                data_dir=str(embedded_data_dir) if embedded_data_dir else None,
+            )
 
 
 def _redis_known(settings: Settings) -> bool:
-    if settings.redis.explicitly_located:
-        return True
-    return port_answers("127.0.0.1", 6379)
+    """True when a source (config file, environment) said where Redis is."""
+    return settings.redis.explicitly_located

@@ -28,6 +28,9 @@ from pydantic import (
     model_validator,
 )
 
+from voxcore.core.domain.errors import DomainError
+from voxcore.core.domain.keys import check_key_prefix, check_namespaces
+from voxcore.core.domain.secrets import mask_url, scrub_secrets
 from voxcore.core.ports.errors import ConfigurationError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -47,7 +50,7 @@ class RedisSettings(BaseModel):
 
     model_config = _STRICT
 
-    url: str | None = None
+    url: str | None = Field(default=None, repr=False)  # may hold a password: see masked_url
     host: str = "127.0.0.1"
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
@@ -58,6 +61,16 @@ class RedisSettings(BaseModel):
     pool_timeout: PositiveFloat = 1.0
     retries: int = Field(default=1, ge=0, le=10)
     health_check_interval: int = Field(default=30, ge=0)
+
+    @property
+    def masked_url(self) -> str | None:
+        """``url`` with its password hidden (for reprs, logs and messages)."""
+        return mask_url(self.url) if self.url else None
+
+    def __repr_args__(self) -> Any:
+        yield from super().__repr_args__()
+        if self.url:
+            yield "url", self.masked_url
 
     @property
     def explicitly_located(self) -> bool:
@@ -76,6 +89,17 @@ class CacheSettings(BaseModel):
     prev_grace_seconds: PositiveInt = 30
     breaker_base_window_ms: PositiveFloat = 250.0
     breaker_max_window_ms: PositiveFloat = 2000.0
+    op_timeout_ms: PositiveFloat = 250.0  # deadline of every read (and small write), retries included
+    bulk_timeout_ms: PositiveFloat = 2000.0  # deadline of fragment writes and of a stream's tail
+    extra_namespaces: tuple[str, ...] = ()  # key namespaces accepted besides static, tts, summary
+
+    @model_validator(mode="after")
+    def _valid_keys(self) -> CacheSettings:
+        try:
+            check_key_prefix(self.key_prefix, check_namespaces(self.extra_namespaces))
+        except DomainError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class LLMTimeouts(BaseModel):
@@ -196,6 +220,7 @@ class RateLimitSettings(BaseModel):
     period_s: PositiveFloat = 60.0
     burst: PositiveInt | None = None
     fail_open: bool = True  # when Redis is down: allow (true) or refuse (false)
+    op_timeout_ms: PositiveFloat = 1000.0  # deadline of one acquire's Redis call (then: the policy)
 
 
 class OpenAITTSSettings(BaseModel):
@@ -333,8 +358,11 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        problems = scrub_secrets(
+            "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
         )
         raise ConfigurationError(f"invalid settings ({source} + environment): {problems}") from exc
 

@@ -17,6 +17,7 @@ from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat
 from voxcore.core.ports.cache import AbstractCache
+from voxcore.core.ports.errors import AudioStreamIncompleteError
 from voxcore.events import FIELDS_ATTR
 
 
@@ -415,8 +416,16 @@ async def test_stream_overtaken_by_two_writes_stops_without_mixing(
 
     monkeypatch.setattr(cache, "_read_rest", overwrite_twice)
     caplog.set_level(logging.INFO, logger="voxcore")
-    got = await collect(cache, "static:ov2")
+    stream = await cache.open_audio_stream("static:ov2")
+    assert stream is not None
+    got = []
+    with pytest.raises(AudioStreamIncompleteError) as info:  # never a silent, normal end
+        async for chunk in stream:
+            got.append(chunk)
     assert got == v1[:4]  # only the head it had already yielded: a prefix of one version
+    assert (info.value.reason, info.value.delivered, info.value.transient) == ("version_lost", 4, False)
+    assert stream.incomplete  # type: ignore[attr-defined]
+    assert [c async for c in stream] == []  # raised once; later iteration just ends
     assert events(caplog, "audio_stream_version_lost")
 
 
@@ -513,7 +522,7 @@ async def test_pool_exhaustion_is_a_soft_timeout(
         caplog.set_level(logging.INFO, logger="voxcore")
         # hold the only slot with a command that blocks on the server for 0.5 s
         held = asyncio.create_task(
-            cache._run("test_block", "", lambda r: r.blpop([f"{key_prefix}nothing"], 0.5))
+            cache._run("test_block", "", lambda r: r.blpop([f"{key_prefix}nothing"], 0.5), timeout_s=2.0)
         )
         await asyncio.sleep(0.05)
         assert await cache.get_text("summary:session:p") is None

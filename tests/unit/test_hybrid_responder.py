@@ -107,7 +107,7 @@ class FakeAudioCache(AbstractAudioCache):
     async def get_text(self, key: str) -> str | None:
         return None
 
-    async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
+    async def open_audio_stream(self, key: str, *, raise_on_outage: bool = False) -> AudioChunkStream | None:
         self.opens.append(key)
         await asyncio.sleep(self.open_delays.get(key, 0))
         chunks = self.audio.get(key)

@@ -196,7 +196,7 @@ class FakeAudioCache(AbstractAudioCache):
         chunks = self.audio.get(key)
         return list(chunks) if chunks else None
 
-    async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
+    async def open_audio_stream(self, key: str, *, raise_on_outage: bool = False) -> AudioChunkStream | None:
         self._maybe_fail()
         self.reads.append(key)
         chunks = self.audio.get(key)

@@ -1,6 +1,6 @@
-"""``RedisCacheManager``: the SPEC-A cache on Redis Lists/Strings, fail-soft and fast to fail.
+"""``RedisCacheManager``: the SPEC-A cache on Redis Lists/Strings, fail-soft, bounded and fast to fail.
 
-Storage layout (``P`` is the optional key prefix for a shared Redis):
+Storage layout (``P`` is the optional key prefix for a shared Redis, see ``keys.check_key_prefix``):
 
 * ``P<key>`` - the fragment: a Redis List of byte chunks (``static:*``, ``tts:*``), or a String
   (``summary:session:*``).
@@ -8,68 +8,49 @@ Storage layout (``P`` is the optional key prefix for a shared Redis):
   MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
 * ``P voxcore:prev:<key>`` - the previous version of an overwritten list, kept for a short grace
   period so that a streaming reader that started on it can finish on it.
+
+``voxcore:*`` is reserved: the public methods refuse such keys. How each call is bounded, retried
+(never for writes), logged and cancelled is :class:`~voxcore.adapters.redis.guard.RedisGuard`'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as redis
 from redis import exceptions as redis_exc
 
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.guard import Failure, RedisGuard
+from voxcore.adapters.redis.stream import READ_REST_LUA, READ_REST_SHA, RedisAudioStream, RestResult
+from voxcore.adapters.redis.wav_file import MAX_WAV_BYTES, WavPathError, read_wav_file
 from voxcore.core.domain import keys
-from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat, WavAudio, parse_wav, plan_chunks, split_pcm
+from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.resilience import CircuitBreaker
+from voxcore.core.domain.text import repair_text
 from voxcore.core.ports.cache import AbstractAudioCache, AudioChunkStream, AudioLoadResult
+from voxcore.core.ports.errors import CacheUnavailableError
 from voxcore.events import emit
+
+__all__ = ["MAX_WAV_BYTES", "RedisAudioStream", "RedisCacheManager"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Largest WAV file ``load_and_set_audio`` reads (MAX_CHUNKS of 20 ms stereo 48 kHz 32-bit is ~150 MB).
-MAX_WAV_BYTES: Final = 256 * 1024 * 1024
-_META = "voxcore:meta:"
-_PREV = "voxcore:prev:"
-# Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
-# (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
-_CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
+_META = keys.INTERNAL_NAMESPACE + ":meta:"
+_PREV = keys.INTERNAL_NAMESPACE + ":prev:"
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
 _EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
-# The rest of a streamed list, atomically, from whichever version starts with the chunks already
-# yielded (ARGV): the current list (KEYS[1]) or the one it replaced (KEYS[2]).
-_READ_REST_LUA: Final = """
-local n = #ARGV
-local function starts_with_head(key)
-  local head = redis.call('LRANGE', key, 0, n - 1)
-  if #head ~= n then return false end
-  for i = 1, n do
-    if head[i] ~= ARGV[i] then return false end
-  end
-  return true
-end
-if starts_with_head(KEYS[1]) then return {1, redis.call('LRANGE', KEYS[1], n, -1)} end
-if starts_with_head(KEYS[2]) then return {2, redis.call('LRANGE', KEYS[2], n, -1)} end
-return {0, {}}
-"""
-_READ_REST_SHA: Final = hashlib.sha1(_READ_REST_LUA.encode()).hexdigest()
-
-
-class _Failed:
-    """Marker for a call that failed softly (its error is already logged)."""
-
-    __slots__ = ()
-
-
-FAILED: Final = _Failed()
+#: Default per-call deadline of reads on the audio path, and of everything else small.
+DEFAULT_OP_TIMEOUT_MS: Final = 250.0
+#: Default deadline of calls that move a whole fragment (writes, the rest of a streamed read).
+DEFAULT_BULK_TIMEOUT_MS: Final = 2000.0
 
 
 class RedisCacheManager(AbstractAudioCache):
@@ -78,19 +59,31 @@ class RedisCacheManager(AbstractAudioCache):
     One instance per process is guaranteed by the container (``providers.Singleton``), not by
     ``__new__``: tests and tools may still build separate instances for separate servers.
 
-    Every operation is soft: a Redis failure logs one ``redis_error`` event ``{op, key, error}``
-    and returns ``False``/``None``. After a connection-level failure a circuit breaker answers
-    further calls at once (no socket timeout per call) while one background PING per window finds
-    out whether Redis is back, so the cache recovers by itself.
+    Every operation is soft: a Redis failure returns ``False``/``None`` (logged as ``redis_error``,
+    rate-limited per operation) and every call is bounded by a deadline (``op_timeout_ms``; writes
+    and the tail of a streamed read ``bulk_timeout_ms``). After a connection-level failure or a
+    missed deadline a circuit breaker answers further calls at once while one background PING per
+    window finds out whether Redis is back; each state change is one ``redis_circuit`` line.
+
+    A caller that must tell a miss from an outage uses :meth:`fetch_audio_chunks` or
+    ``open_audio_stream(key, raise_on_outage=True)``: an outage raises
+    :class:`~voxcore.core.ports.errors.CacheUnavailableError` and ``None`` is always a miss.
 
     Args:
         config: Where Redis is and how the client behaves.
-        key_prefix: Prepended to every key (for a Redis shared with other applications).
+        key_prefix: Prepended to every key (for a Redis shared with other applications); validated
+            by :func:`~voxcore.core.domain.keys.check_key_prefix`.
         tts_ttl_seconds: Expiry of ``tts:*`` fragments; ``static:*`` never expire.
         stream_first_batch: Chunks fetched by the first command of a streaming read.
         prev_grace_seconds: How long an overwritten fragment stays readable for open streams.
         breaker: Fast-fail policy; a default one is made when omitted.
         clock: Monotonic seconds (injectable for tests).
+        op_timeout_ms: Per-call deadline of reads and small writes.
+        bulk_timeout_ms: Per-call deadline of fragment writes and of the rest of a streamed read.
+        extra_namespaces: Key namespaces accepted besides ``static``, ``tts`` and ``summary``.
+
+    Raises:
+        ValueError: an argument is out of range (the prefix message says which rule it breaks).
     """
 
     def __init__(
@@ -103,6 +96,9 @@ class RedisCacheManager(AbstractAudioCache):
         prev_grace_seconds: int = 30,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        op_timeout_ms: float = DEFAULT_OP_TIMEOUT_MS,
+        bulk_timeout_ms: float = DEFAULT_BULK_TIMEOUT_MS,
+        extra_namespaces: Iterable[str] = (),
     ) -> None:
         if tts_ttl_seconds <= 0:
             raise ValueError(f"tts_ttl_seconds must be positive, got {tts_ttl_seconds}")
@@ -110,18 +106,34 @@ class RedisCacheManager(AbstractAudioCache):
             raise ValueError(f"stream_first_batch must be at least 1, got {stream_first_batch}")
         if prev_grace_seconds <= 0:
             raise ValueError(f"prev_grace_seconds must be positive, got {prev_grace_seconds}")
+        if not op_timeout_ms > 0 or not bulk_timeout_ms > 0:
+            raise ValueError("op_timeout_ms and bulk_timeout_ms must be positive")
+        try:
+            self._namespaces = keys.check_namespaces(extra_namespaces)
+            self._prefix = keys.check_key_prefix(key_prefix, self._namespaces)
+        except DomainError as exc:
+            raise ValueError(str(exc)) from None
         self._config = config
-        self._prefix = key_prefix
         self._tts_ttl_ms = tts_ttl_seconds * 1000
         self._first_batch = stream_first_batch
         self._prev_grace_ms = prev_grace_seconds * 1000
-        self._breaker = breaker or CircuitBreaker()
         self._clock = clock
+        self._bulk_timeout_s = bulk_timeout_ms / 1000
         self._redis: redis.Redis | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Bounds in-flight commands to the pool size: a caller beyond it waits (up to
-        # pool_timeout) instead of the pool raising "too many connections".
-        self._slots = asyncio.Semaphore(config.max_connections)
+        self._guard = RedisGuard(
+            component="cache",
+            target=config.describe(),
+            breaker=breaker or CircuitBreaker(),
+            op_timeout_s=op_timeout_ms / 1000,
+            max_in_flight=config.max_connections,
+            queue_timeout_s=config.pool_timeout,
+            retries=config.retries,
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisCacheManager(target={self._config.describe()!r}, key_prefix={self._prefix!r})"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -134,6 +146,21 @@ class RedisCacheManager(AbstractAudioCache):
     def key_prefix(self) -> str:
         """The prefix prepended to every key."""
         return self._prefix
+
+    @property
+    def op_timeout_ms(self) -> float:
+        """The per-call deadline of reads and small writes."""
+        return self._guard.op_timeout_s * 1000
+
+    @property
+    def available(self) -> bool:
+        """False while the circuit breaker is open (Redis was found unreachable)."""
+        return self._guard.breaker.is_closed
+
+    @property
+    def failed_operations(self) -> dict[str, int]:
+        """Soft failures since start by reason (the ``voxcore.redis.failed_operations`` counter)."""
+        return dict(self._guard.failed)
 
     async def connect(self) -> None:
         """Create the client and PING once; a failure is logged, not raised (the cache stays soft).
@@ -153,22 +180,23 @@ class RedisCacheManager(AbstractAudioCache):
             )
 
     async def close(self) -> None:
-        """Cancel open stream prefetches, close the client and its pool; safe to call twice."""
+        """Cancel open stream prefetches and the breaker's probe, close the client; safe to call twice."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._guard.aclose()
         client, self._redis = self._redis, None
         if client is not None:
             try:
                 await client.aclose()
             except (redis_exc.RedisError, OSError) as exc:
-                self._log_error("close", "", exc)
+                self._guard.log_error("close", "", exc)
 
     async def ping(self) -> bool:
         """True when Redis answers PING now (goes through the breaker like any call)."""
         result = await self._run("ping", "", lambda r: r.ping())
-        return not isinstance(result, _Failed) and bool(result)
+        return not isinstance(result, Failure) and bool(result)
 
     # -- audio ----------------------------------------------------------------------------------
 
@@ -177,7 +205,9 @@ class RedisCacheManager(AbstractAudioCache):
 
         One MULTI/EXEC runs DEL + RPUSH (+ PEXPIRE for ``tts:*``); readers see the whole old or
         the whole new list. An empty list deletes the key. Over ``MAX_CHUNKS`` the tail is dropped
-        (logged). Wrong types are refused with a logged error and nothing is written.
+        (logged). Wrong types are refused with a logged error and nothing is written. The write
+        is never resent: when its reply is lost, False is returned and ``cache_write_unknown``
+        logged (the fragment may or may not have been replaced; writing it again is safe).
         """
         return await self._write_audio("set_audio_chunks", key, audio_chunks, None)
 
@@ -191,12 +221,27 @@ class RedisCacheManager(AbstractAudioCache):
 
     async def get_audio_chunks(self, key: str) -> list[bytes] | None:
         """The whole fragment (``LRANGE 0 -1``), or ``None`` when missing or on a soft failure."""
-        if not _valid_key(key):
-            self._refuse("get_audio_chunks", key, "key must be a non-empty string")
+        return await self._get_chunks(key, raise_on_outage=False)
+
+    async def fetch_audio_chunks(self, key: str) -> list[bytes] | None:
+        """:meth:`get_audio_chunks` for callers that must tell a miss from an outage.
+
+        Returns:
+            The fragment, or ``None`` only when the key is missing (or the key is refused).
+
+        Raises:
+            CacheUnavailableError: Redis did not answer (connection, deadline, circuit open).
+        """
+        return await self._get_chunks(key, raise_on_outage=True)
+
+    async def _get_chunks(self, key: str, *, raise_on_outage: bool) -> list[bytes] | None:
+        if not self._check_key("get_audio_chunks", key):
             return None
         started = time.perf_counter()
         chunks = await self._run("get_audio_chunks", key, lambda r: r.lrange(self._prefix + key, 0, -1))
-        if isinstance(chunks, _Failed):
+        if isinstance(chunks, Failure):
+            if raise_on_outage and chunks.outage:
+                raise CacheUnavailableError(chunks.error, op="get_audio_chunks", key=key)
             return None
         if not chunks:
             emit(
@@ -213,22 +258,29 @@ class RedisCacheManager(AbstractAudioCache):
         )
         return cast("list[bytes]", chunks)  # decode_responses=False: elements are bytes
 
-    async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
+    async def open_audio_stream(self, key: str, *, raise_on_outage: bool = False) -> AudioChunkStream | None:
         """Start a streaming read: the first command fetches only the first few chunks.
 
         The rest is fetched in the background as soon as the consumer takes the first chunk, in
         one MULTI/EXEC that also re-reads the head, so the stream can check it is still reading the
-        version it started on (see :class:`RedisAudioStream`). Returns ``None`` on a miss or a soft
-        failure.
+        version it started on (see :class:`RedisAudioStream`). Should the rest be lost, iteration
+        ends with :class:`~voxcore.core.ports.errors.AudioStreamIncompleteError`, never silently.
+
+        Returns:
+            The stream, or ``None`` on a miss (or a soft failure without ``raise_on_outage``).
+
+        Raises:
+            CacheUnavailableError: only with ``raise_on_outage=True``, when Redis did not answer.
         """
-        if not _valid_key(key):
-            self._refuse("open_audio_stream", key, "key must be a non-empty string")
+        if not self._check_key("open_audio_stream", key):
             return None
         started = time.perf_counter()
         head = await self._run(
             "open_audio_stream", key, lambda r: r.lrange(self._prefix + key, 0, self._first_batch - 1)
         )
-        if isinstance(head, _Failed):
+        if isinstance(head, Failure):
+            if raise_on_outage and head.outage:
+                raise CacheUnavailableError(head.error, op="open_audio_stream", key=key)
             return None
         if not head:
             emit(
@@ -241,71 +293,87 @@ class RedisCacheManager(AbstractAudioCache):
 
     async def get_audio_format(self, key: str) -> AudioFormat | None:
         """The format stored with the fragment, or ``None`` (unknown format, missing key, failure)."""
-        if not _valid_key(key):
-            self._refuse("get_audio_format", key, "key must be a non-empty string")
+        if not self._check_key("get_audio_format", key):
             return None
         fields = await self._run("get_audio_format", key, lambda r: r.hgetall(self._prefix + _META + key))
-        if isinstance(fields, _Failed) or not fields:
+        if isinstance(fields, Failure) or not fields:
             return None
         try:
             return AudioFormat.from_fields({_text(k): _text(v) for k, v in fields.items()})
         except (DomainError, UnicodeDecodeError) as exc:
-            self._log_error("get_audio_format", key, exc)
+            self._guard.log_error("get_audio_format", key, exc)
             return None
 
     async def load_and_set_audio(self, key: str, wav_filepath: str, chunk_size_ms: int = 20) -> bool:
         """Read a PCM WAV file off the event loop, cut it into ``chunk_size_ms`` chunks and store it.
 
-        The file's format is stored with the fragment. A missing, unreadable, truncated, non-PCM or
-        non-WAV file logs ``load_audio_failed`` with the reason and returns False; the existing key
-        is left untouched.
+        The file's format is stored with the fragment. A missing, unreadable, truncated, non-PCM,
+        implausible or non-WAV file, or a path that is not a regular file (a FIFO, a device), logs
+        ``load_audio_failed`` with the reason and returns False; the existing key is left untouched.
         """
         return (await self.load_audio_file(key, wav_filepath, chunk_size_ms)).ok
 
     async def load_audio_file(self, key: str, wav_filepath: str, chunk_size_ms: int = 20) -> AudioLoadResult:
         """:meth:`load_and_set_audio` returning the details (reason, chunks, format)."""
-        if not _valid_key(key):
-            self._refuse("load_and_set_audio", key, "key must be a non-empty string")
-            return AudioLoadResult(key=str(key), ok=False, reason="key must be a non-empty string")
+        if not self._check_key("load_and_set_audio", key):
+            reason = "invalid key (see cache_invalid_argument)"
+            return AudioLoadResult(key=key if isinstance(key, str) else repr(key), ok=False, reason=reason)
         try:
-            wav, chunks = await asyncio.to_thread(_read_and_cut, wav_filepath, chunk_size_ms)
+            wav = await asyncio.to_thread(read_wav_file, wav_filepath, chunk_size_ms)
         except (OSError, DomainError, TypeError) as exc:
             reason = _describe_load_error(exc)
-            emit(log, "load_audio_failed", logging.ERROR, key=key, path=str(wav_filepath), reason=reason)
+            emit(
+                log, "load_audio_failed", logging.ERROR, key=key, path=_show_path(wav_filepath), reason=reason
+            )
             return AudioLoadResult(key=key, ok=False, reason=reason)
-        fmt = wav.format
+        fmt, chunks = wav.format, wav.chunks
         emit(
             log,
             "wav_read",
             key=key,
-            path=str(wav_filepath),
+            path=_show_path(wav_filepath),
             nchannels=fmt.channels,
             sampwidth=fmt.sample_width,
             framerate=fmt.sample_rate,
             nframes=wav.nframes,
             duration_ms=round(wav.duration_ms, 3),
         )
-        ok = await self._write_audio("load_and_set_audio", key, chunks, fmt)
-        kept = min(len(chunks), MAX_CHUNKS)
-        stored_bytes = sum(len(c) for c in chunks[:kept])
+        if wav.total_chunks > len(chunks):
+            emit(
+                log,
+                "audio_chunks_truncated",
+                logging.WARNING,
+                key=key,
+                chunks=wav.total_chunks,
+                kept=len(chunks),
+            )
+        outcome = await self._write_audio_outcome("load_and_set_audio", key, chunks, fmt)
+        ok = outcome is True
+        stored_bytes = sum(map(len, chunks))
         emit(
             log,
             "warmup_done",
             logging.INFO if ok else logging.ERROR,
             key=key,
             ok=ok,
-            chunks=kept,
+            chunks=len(chunks),
             sample_rate=fmt.sample_rate,
             nchannels=fmt.channels,
             sampwidth=fmt.sample_width,
             duration_ms=round(fmt.duration_ms(stored_bytes), 3),
             total_bytes=stored_bytes,
         )
+        if ok:
+            reason = ""
+        elif outcome is None:
+            reason = "Redis write outcome unknown (the reply was lost; the fragment may have been stored)"
+        else:
+            reason = "Redis write failed (see redis_error)"
         return AudioLoadResult(
             key=key,
             ok=ok,
-            reason="" if ok else "Redis write failed (see redis_error)",
-            chunks=kept if ok else 0,
+            reason=reason,
+            chunks=len(chunks) if ok else 0,
             audio_format=fmt,
             duration_ms=round(fmt.duration_ms(stored_bytes), 3),
         )
@@ -316,45 +384,62 @@ class RedisCacheManager(AbstractAudioCache):
         """``SETEX key ttl_seconds text``; refuses (False, logged) a non-str text or a TTL <= 0.
 
         Audio keys (``static:*``, ``tts:*``) are refused too: a string there would destroy a fragment.
+        Text with unpaired surrogates (not encodable as UTF-8) is stored with U+FFFD in their place,
+        logged once as ``text_repaired``.
         """
-        if not _valid_key(key):
-            return self._refuse("set_text", key, "key must be a non-empty string")
+        if not self._check_key("set_text", key):
+            return False
         if not isinstance(text, str):
             return self._refuse("set_text", key, f"text must be str, got {type(text).__name__}")
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
             return self._refuse("set_text", key, f"ttl_seconds must be a positive int, got {ttl_seconds!r}")
         if keys.is_static(key) or keys.is_tts(key):
             return self._refuse("set_text", key, "audio keys (static:*, tts:*) cannot hold text")
+        text, replaced = repair_text(text)
+        if replaced:
+            emit(log, "text_repaired", logging.WARNING, op="set_text", key=key, replaced=replaced)
+        payload = text.encode("utf-8")
         result = await self._run(
             "set_text",
             key,
-            lambda r: r.execute_command(  # type: ignore[no-untyped-call]
-                "SETEX", self._prefix + key, ttl_seconds, text.encode("utf-8")
-            ),
+            lambda r: r.execute_command("SETEX", self._prefix + key, ttl_seconds, payload),  # type: ignore[no-untyped-call]
         )
-        return not isinstance(result, _Failed)
+        return not isinstance(result, Failure)
 
     async def get_text(self, key: str) -> str | None:
         """The UTF-8 text at ``key``, or ``None`` (missing, expired, not UTF-8, or a soft failure)."""
-        if not _valid_key(key):
-            self._refuse("get_text", key, "key must be a non-empty string")
+        if not self._check_key("get_text", key):
             return None
         raw = await self._run("get_text", key, lambda r: r.get(self._prefix + key))
-        if isinstance(raw, _Failed) or raw is None:
+        if isinstance(raw, Failure) or raw is None:
             return None
         try:
             return _text(raw)
         except UnicodeDecodeError as exc:
-            self._log_error("get_text", key, exc)
+            self._guard.log_error("get_text", key, exc)
             return None
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _check_key(self, op: str, key: object) -> bool:
+        try:
+            keys.check_public_key(key, self._namespaces)
+        except DomainError as exc:
+            self._refuse(op, key, str(exc))
+            return False
+        return True
+
     async def _write_audio(
         self, op: str, key: str, audio_chunks: Sequence[bytes], audio_format: AudioFormat | None
     ) -> bool:
-        if not _valid_key(key):
-            return self._refuse(op, key, "key must be a non-empty string")
+        return await self._write_audio_outcome(op, key, audio_chunks, audio_format) is True
+
+    async def _write_audio_outcome(
+        self, op: str, key: str, audio_chunks: Sequence[bytes], audio_format: AudioFormat | None
+    ) -> bool | None:
+        """True: stored; False: not stored; None: unknown (the reply was lost after sending)."""
+        if not self._check_key(op, key):
+            return False
         if keys.is_summary(key):
             return self._refuse(op, key, "summary keys hold text, not audio")
         if not isinstance(audio_chunks, list | tuple):
@@ -398,12 +483,24 @@ class RedisCacheManager(AbstractAudioCache):
                         pipe.pexpire(meta, ttl_ms)
             return await pipe.execute(raise_on_error=False)
 
-        replies = await self._run(op, key, transaction)
-        if isinstance(replies, _Failed):
+        replies = await self._run(op, key, transaction, timeout_s=self._bulk_timeout_s, idempotent=False)
+        if isinstance(replies, Failure):
+            if replies.uncertain:
+                emit(
+                    log,
+                    "cache_write_unknown",
+                    logging.WARNING,
+                    op=op,
+                    key=key,
+                    reason=replies.reason,
+                    detail="the reply was lost after the write was sent; it may have been applied "
+                    "(not resent: writing the fragment again is safe)",
+                )
+                return None
             return False
         errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
         if errors:
-            self._log_error(op, key, errors[0])
+            self._guard.log_error(op, key, errors[0])
             return False
         emit(
             log,
@@ -416,7 +513,7 @@ class RedisCacheManager(AbstractAudioCache):
         )
         return True
 
-    async def _read_rest(self, key: str, head: list[bytes]) -> tuple[int, list[bytes]] | None:
+    async def _read_rest(self, key: str, head: list[bytes]) -> RestResult:
         """The chunks after ``head`` of the version that starts with ``head``.
 
         Fast path: one MULTI/EXEC re-reads the head and reads the tail; when the head is unchanged,
@@ -435,18 +532,19 @@ class RedisCacheManager(AbstractAudioCache):
             pipe.lrange(full, n, -1)
             return await pipe.execute()
 
-        fast = await self._run("open_audio_stream", key, snapshot)
-        if isinstance(fast, _Failed):
+        fast = await self._run("open_audio_stream", key, snapshot, timeout_s=self._bulk_timeout_s)
+        if isinstance(fast, Failure):
             return None
         if fast[0] == head:
             return 1, fast[1]
         result = await self._run(
             "open_audio_stream",
             key,
-            lambda r: r.evalsha(_READ_REST_SHA, 2, full, prev, *head),
-            script=_READ_REST_LUA,
+            lambda r: r.evalsha(READ_REST_SHA, 2, full, prev, *head),
+            script=READ_REST_LUA,
+            timeout_s=self._bulk_timeout_s,
         )
-        if isinstance(result, _Failed):
+        if isinstance(result, Failure):
             return None
         source, tail = result
         return int(source), tail
@@ -458,183 +556,45 @@ class RedisCacheManager(AbstractAudioCache):
         return task
 
     async def _run(
-        self, op: str, key: str, call: Callable[[redis.Redis], Awaitable[T]], script: str | None = None
-    ) -> T | _Failed:
-        """Run one Redis call through the breaker; map every failure to a logged ``FAILED``.
-
-        With ``script``, a NOSCRIPT reply (a restarted or flushed server) loads it and retries once.
-        """
-        client = self._redis
-        if client is None:
-            self._log_error(op, key, "not connected: call connect() first")
-            return FAILED
-        breaker = self._breaker
-        if not breaker.is_closed:
-            # Redis was unreachable: answer at once. When the window is over, one background
-            # PING finds out whether it is back, so no caller ever waits on a dead socket.
-            now = self._clock()
-            if breaker.allow(now):
-                self._spawn(self._probe(client))
-            retry_ms = round(breaker.retry_in(now) * 1000, 1)
-            self._log_error(op, key, f"Redis unavailable (fast fail; next probe in {retry_ms} ms)")
-            return FAILED
-        slots = self._slots
-        if slots.locked():  # every connection busy: queue, but not forever
-            try:
-                async with asyncio.timeout(self._config.pool_timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                busy = (
-                    f"all {self._config.max_connections} connections busy for {self._config.pool_timeout} s"
-                )
-                self._log_error(op, key, f"{busy} (pool exhausted)")
-                return FAILED
-        else:
-            await slots.acquire()  # free slot: returns without suspending
-        try:
-            try:
-                result = await call(client)
-            except redis_exc.NoScriptError:
-                if script is None:
-                    raise
-                await client.script_load(script)
-                result = await call(client)
-        except _CONNECTION_ERRORS as exc:
-            breaker.record_failure(self._clock())
-            self._log_error(op, key, exc)
-            return FAILED
-        except redis_exc.RedisError as exc:
-            breaker.record_success()  # the server answered: it is up, the command was wrong
-            self._log_error(op, key, exc)
-            return FAILED
-        finally:
-            slots.release()
-        breaker.record_success()
-        return result
-
-    async def _probe(self, client: redis.Redis) -> None:
-        """The breaker's trial call: close it if Redis answers, reopen it (longer) if not."""
-        try:
-            await client.ping()
-        except asyncio.CancelledError:
-            self._breaker.release_trial()
-            raise
-        except (*_CONNECTION_ERRORS, redis_exc.RedisError) as exc:
-            self._breaker.record_failure(self._clock())
-            emit(log, "redis_probe_failed", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
-            return
-        self._breaker.record_success()
-        emit(log, "redis_recovered", target=self._config.describe())
-
-    def _log_error(self, op: str, key: str, error: object) -> None:
-        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-        emit(log, "redis_error", logging.ERROR, op=op, key=key, error=text)
+        self,
+        op: str,
+        key: str,
+        call: Callable[[redis.Redis], Awaitable[T]],
+        *,
+        script: str | None = None,
+        timeout_s: float | None = None,
+        idempotent: bool = True,
+    ) -> T | Failure:
+        """One Redis call through the guard (breaker, deadline, quiet logs, cancellation)."""
+        return await self._guard.run(
+            self._redis, op, key, call, script=script, timeout_s=timeout_s, idempotent=idempotent
+        )
 
     def _refuse(self, op: str, key: object, reason: str) -> bool:
-        emit(log, "cache_invalid_argument", logging.ERROR, op=op, key=repr(key), error=reason)
+        shown = key if isinstance(key, str) else repr(key)
+        emit(log, "cache_invalid_argument", logging.ERROR, op=op, key=_printable(shown), error=reason)
         return False
-
-
-class RedisAudioStream(AudioChunkStream):
-    """A streaming read that never mixes two versions of a fragment.
-
-    The head (first chunks) comes from the opening command. When the consumer takes the first
-    chunk, the remainder is requested in the background (so it overlaps with playing the head and
-    costs nothing before the first chunk): the tail of whichever version starts with that head -
-    the current list, or the previous version a concurrent overwrite left for open streams. Should
-    neither match (two overwrites within one read), the stream ends after the head and logs
-    ``audio_stream_version_lost``: a prefix of one version, never a mix.
-    """
-
-    def __init__(self, cache: RedisCacheManager, key: str, head: list[bytes], *, complete: bool) -> None:
-        self._cache = cache
-        self._key = key
-        self._head = head
-        self._rest: asyncio.Task[None] | None = None
-        self._fetched: tuple[int, list[bytes]] | None = None
-        self._buffer = head
-        self._index = 0
-        self._tail_pending = not complete
-        self._closed = False
-
-    async def __anext__(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._index >= len(self._buffer):
-            if not self._tail_pending:
-                await self.aclose()
-                raise StopAsyncIteration
-            self._tail_pending = False
-            self._buffer = await self._load_tail()
-            self._index = 0
-            if not self._buffer:
-                await self.aclose()
-                raise StopAsyncIteration
-        elif self._index == 1 and self._tail_pending and self._rest is None:
-            self._rest = self._cache._spawn(self._fetch_tail())
-        chunk = self._buffer[self._index]
-        self._index += 1
-        return chunk
-
-    async def _fetch_tail(self) -> None:
-        # The result is kept on the stream, not as the task's result: a finished task can outlive
-        # the stream for a loop iteration or two, and must not keep megabytes of chunks alive.
-        self._fetched = await self._cache._read_rest(self._key, self._head)
-
-    async def _load_tail(self) -> list[bytes]:
-        if self._rest is None:  # the consumer skipped straight past the head
-            self._rest = self._cache._spawn(self._fetch_tail())
-        await self._rest
-        result, self._fetched = self._fetched, None
-        if result is None:  # a soft failure, already logged
-            return []
-        source, tail = result
-        if source == 2:
-            emit(log, "audio_stream_previous_version", key=self._key, chunks=len(tail))
-        elif source == 0:
-            emit(log, "audio_stream_version_lost", logging.WARNING, key=self._key, yielded=len(self._head))
-        return tail
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._buffer = []
-        if self._rest is not None and not self._rest.done():
-            # The task is tracked by the cache (and cancelled again on close); nothing to wait for.
-            self._rest.cancel()
-
-
-def _valid_key(key: object) -> bool:
-    try:
-        keys.check_key(key)
-    except DomainError:
-        return False
-    return True
-
-
-def _read_and_cut(path: str, chunk_ms: int) -> tuple[WavAudio, list[bytes]]:
-    """Blocking part of ``load_and_set_audio`` (runs in a worker thread)."""
-    if not isinstance(path, str | Path):
-        raise TypeError(f"wav_filepath must be a path, got {type(path).__name__}")
-    file = Path(path)
-    size = file.stat().st_size
-    if size > MAX_WAV_BYTES:
-        raise DomainError(f"WAV file is {size} bytes, more than the {MAX_WAV_BYTES} bytes accepted")
-    wav = parse_wav(file.read_bytes())
-    plan = plan_chunks(wav.format, chunk_ms)
-    chunks = split_pcm(wav.pcm, plan)
-    return wav, chunks
 
 
 def _describe_load_error(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
-        return f"file not found: {exc.filename}"
+        return f"file not found: {_show_path(exc.filename)}"
     if isinstance(exc, IsADirectoryError):
-        return f"is a directory, not a WAV file: {exc.filename}"
+        return f"is a directory, not a WAV file: {_show_path(exc.filename)}"
+    if isinstance(exc, WavPathError):
+        return str(exc)
     if isinstance(exc, OSError):
         return f"cannot read file: {exc.strerror or exc}"
     return str(exc)
+
+
+def _show_path(path: object) -> str:
+    """A path fit for a log line (NULs and lone surrogates made visible, never raised on)."""
+    return _printable(str(path))
+
+
+def _printable(text: str) -> str:
+    return repair_text(text.replace("\x00", "\\x00"))[0]
 
 
 def _text(value: bytes | str) -> str:

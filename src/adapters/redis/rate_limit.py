@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, cast
+from collections.abc import Callable
+from typing import Any, Final
 
 import redis.asyncio as redis
-from redis import exceptions as redis_exc
 
+from voxcore.adapters.redis.guard import Failure, RedisGuard
 from voxcore.core.domain.keys import MAX_KEY_LENGTH
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.ports.rate_limit import RateLimitDecision, RateLimiter
@@ -21,9 +19,6 @@ from voxcore.events import emit
 
 log = logging.getLogger(__name__)
 
-# Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
-# (WRONGTYPE, a script error) are answers from a live server and leave it closed.
-_CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
 # The theoretical arrival time (TAT) and all arithmetic are whole microseconds held in Lua doubles:
 # exact up to 2**53 us (285 years), so the server clock plus the tolerance must stay below it.
 _MAX_TOLERANCE_US: Final = 2**52
@@ -74,9 +69,11 @@ class RedisRateLimiter(RateLimiter):
     restart or ``SCRIPT FLUSH`` (``NOSCRIPT``) it is loaded and the call retried once.
 
     Soft failures: when Redis fails, :meth:`acquire` logs ``rate_limit_error`` ``{subject, error}``
-    and answers by policy. Fail-open allows (``remaining = burst - cost``, as if the subject were
-    idle); fail-closed denies with ``retry_after_s`` set to when Redis will next be tried. After a
-    connection-level failure a circuit breaker answers at once (no socket timeout per call) while
+    (rate-limited; circuit state changes are one ``redis_circuit`` line each) and answers by policy
+    (``decided_by="policy"``). The script is never resent: when its reply is lost after sending,
+    the decision says ``outcome_known=False`` (at most one charge happened). Fail-open allows
+    (``remaining = burst - cost``, as if the subject were idle); fail-closed denies with
+    ``retry_after_s`` set to when Redis will next be tried. After a connection-level failure a circuit breaker answers at once (no socket timeout per call) while
     one background PING per window finds out when Redis is back. Each denial is logged as
     ``rate_limited`` ``{subject, retry_after_s}`` at INFO.
 
@@ -89,7 +86,10 @@ class RedisRateLimiter(RateLimiter):
         namespace: Between the prefix and the subject.
         burst: Units that may pass at once from idle; ``limit`` when omitted.
         fail_open: Policy while Redis fails: allow (True) or deny (False).
-        queue_timeout_s: How long a call waits for a free pool connection before failing softly.
+        queue_timeout_s: How long a call waits for a free pool connection before failing softly
+            (within ``op_timeout_s``).
+        op_timeout_s: Deadline of one :meth:`acquire`'s Redis call, queueing included; a missed
+            deadline counts as a Redis failure (the breaker opens) and is answered by policy.
         breaker: Fast-fail policy; a default one is made when omitted.
         clock: Monotonic seconds for the breaker (injectable for tests). The limit itself always
             uses the Redis server clock.
@@ -109,6 +109,7 @@ class RedisRateLimiter(RateLimiter):
         burst: int | None = None,
         fail_open: bool = True,
         queue_timeout_s: float = 1.0,
+        op_timeout_s: float = 1.0,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,6 +131,12 @@ class RedisRateLimiter(RateLimiter):
             raise ValueError(f"queue_timeout_s must be a number of seconds, got {queue_timeout_s!r}")
         if not queue_timeout_s > 0:
             raise ValueError(f"queue_timeout_s must be positive, got {queue_timeout_s!r}")
+        if (
+            isinstance(op_timeout_s, bool)
+            or not isinstance(op_timeout_s, int | float)
+            or not op_timeout_s > 0
+        ):
+            raise ValueError(f"op_timeout_s must be a positive number of seconds, got {op_timeout_s!r}")
         interval_us = round(period_s * 1_000_000 / limit)
         if interval_us < 1:
             raise ValueError(f"{limit} per {period_s} s is more than one request per microsecond")
@@ -143,16 +150,25 @@ class RedisRateLimiter(RateLimiter):
         self._tolerance_us = interval_us * burst
         self._prefix = key_prefix + namespace
         self._fail_open = fail_open
-        self._queue_timeout_s = float(queue_timeout_s)
-        self._breaker = breaker or CircuitBreaker()
         self._clock = clock
         self._closed = False
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._script_args = (str(interval_us).encode(), str(self._tolerance_us).encode())
         # Bounds in-flight calls to the client's pool size: beyond it a plain ConnectionPool raises
         # "Too many connections", which is an overload, not an outage; callers queue instead.
-        pool_size: object = getattr(getattr(redis_client, "connection_pool", None), "max_connections", None)
-        self._slots = _Slots(pool_size) if isinstance(pool_size, int) and pool_size >= 1 else None
+        pool = getattr(redis_client, "connection_pool", None)
+        pool_size: object = getattr(pool, "max_connections", None)
+        self._guard = RedisGuard(
+            component="rate_limit",
+            target=_describe_pool(pool),
+            breaker=breaker or CircuitBreaker(),
+            op_timeout_s=float(op_timeout_s),
+            queue_timeout_s=float(queue_timeout_s),
+            max_in_flight=pool_size if isinstance(pool_size, int) and pool_size >= 1 else None,
+            retries=0,
+            error_event="rate_limit_error",
+            key_field="subject",
+            clock=clock,
+        )
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -200,8 +216,8 @@ class RedisRateLimiter(RateLimiter):
         if type(cost) is not int or not 0 < cost <= self._burst:
             raise ValueError(f"cost must be an int in 1..{self._burst}, got {cost!r}")
         distance_us = await self._eval(subject, cost)
-        if distance_us is None:
-            return self._fallback(cost)
+        if isinstance(distance_us, Failure):
+            return self._fallback(cost, distance_us)
         return self._decide(subject, cost, distance_us)
 
     async def aclose(self) -> None:
@@ -210,10 +226,7 @@ class RedisRateLimiter(RateLimiter):
         The Redis client is not closed: it belongs to whoever passed it in.
         """
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._guard.aclose()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -230,29 +243,15 @@ class RedisRateLimiter(RateLimiter):
         remaining = max(0, (tolerance - distance_us) // interval)
         return RateLimitDecision(False, remaining, retry_after_s, self._burst, distance_us / 1e6)
 
-    async def _eval(self, subject: str, cost: int) -> int | None:
-        """One EVALSHA through the breaker and the pool bound; ``None`` after a logged failure."""
+    async def _eval(self, subject: str, cost: int) -> int | Failure:
+        """One EVALSHA through the guard (breaker, deadline, pool bound); a ``Failure`` when it failed.
+
+        The script writes, so it is never resent: it goes over a connection of its own from the
+        client's pool (whatever retry policy that client has), and a reply lost after sending is
+        reported as ``uncertain``.
+        """
         if self._closed:
-            self._log_error(subject, "rate limiter is closed")
-            return None
-        breaker = self._breaker
-        if not breaker.is_closed:
-            # Redis was unreachable: answer at once. When the window is over, one background
-            # PING finds out whether it is back, so no caller ever waits on a dead socket.
-            now = self._clock()
-            if breaker.allow(now):
-                self._spawn(self._probe())
-            retry_ms = round(breaker.retry_in(now) * 1000, 1)
-            self._log_error(subject, f"Redis unavailable (fast fail; next probe in {retry_ms} ms)")
-            return None
-        slots = self._slots
-        if slots is not None:
-            if slots.free:
-                slots.free -= 1
-            elif not await slots.wait(self._queue_timeout_s):
-                self._log_error(subject, f"no free Redis connection within {self._queue_timeout_s} s")
-                return None
-        client = self._client
+            return self._guard.log_failure("acquire", subject, Failure("closed", "rate limiter is closed"))
         args = (
             _GCRA_SHA,
             1,
@@ -260,99 +259,39 @@ class RedisRateLimiter(RateLimiter):
             *self._script_args,
             _COST_ARGS[cost] if cost < len(_COST_ARGS) else cost,
         )
-        try:
+
+        async def script(client: redis.Redis) -> int:
+            pool = client.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                reply = await cast("Awaitable[int]", client.evalsha(*args))
-            except redis_exc.NoScriptError:
-                # A restarted or flushed server forgot the script: load it and retry once.
-                await client.script_load(_GCRA_LUA)
-                reply = await cast("Awaitable[int]", client.evalsha(*args))
-        except _CONNECTION_ERRORS as exc:
-            breaker.record_failure(self._clock())
-            self._log_error(subject, exc)
-            return None
-        except redis_exc.RedisError as exc:
-            breaker.record_success()  # the server answered: it is up, the call was refused
-            self._log_error(subject, exc)
-            return None
-        finally:
-            if slots is not None:
-                slots.release()
-        breaker.record_success()
-        return reply
+                # send + read on one connection, no retry: redis-py disconnects it on any failure
+                # or cancellation, so a late reply can never be read by another command.
+                await connection.send_command("EVALSHA", *args)
+                reply = await connection.read_response()
+            finally:
+                await pool.release(connection)
+            return int(reply)
 
-    def _fallback(self, cost: int) -> RateLimitDecision:
+        return await self._guard.run(
+            self._client, "acquire", subject, script, idempotent=False, script=_GCRA_LUA
+        )
+
+    def _fallback(self, cost: int, failure: Failure) -> RateLimitDecision:
+        known = not failure.uncertain
         if self._fail_open:
-            return RateLimitDecision(True, self._burst - cost, 0.0, self._burst, 0.0)
-        breaker = self._breaker
+            return RateLimitDecision(True, self._burst - cost, 0.0, self._burst, 0.0, "policy", known)
+        breaker = self._guard.breaker
         retry_after_s = breaker.retry_in(self._clock()) or breaker.base_window_s
-        return RateLimitDecision(False, 0, retry_after_s, self._burst, 0.0)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _probe(self) -> None:
-        """The breaker's trial call: close it if Redis answers, reopen it (longer) if not."""
-        try:
-            await self._client.ping()
-        except asyncio.CancelledError:
-            self._breaker.release_trial()
-            raise
-        except (*_CONNECTION_ERRORS, redis_exc.RedisError) as exc:
-            self._breaker.record_failure(self._clock())
-            emit(log, "rate_limit_probe_failed", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
-            return
-        self._breaker.record_success()
-        emit(log, "rate_limit_recovered")
-
-    def _log_error(self, subject: str, error: object) -> None:
-        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-        emit(log, "rate_limit_error", logging.ERROR, subject=subject, error=text)
-
-
-class _Slots:
-    """A bound on in-flight calls: a plain counter while slots are free, a FIFO queue when not.
-
-    ``asyncio.Semaphore`` would do, but costs ~1 us per call even when free; on a ~100 us round trip
-    that is a visible share of the limiter's budget. A released slot goes straight to the oldest
-    live waiter, so ``free > 0`` implies nobody is waiting.
-    """
-
-    __slots__ = ("_waiters", "free")
-
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def wait(self, timeout_s: float) -> bool:
-        """Queue for a slot (call only when ``free == 0``); False when none came within the timeout."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # a slot was handed over just as we gave up: pass it on
-            else:
-                waiter.cancel()  # release() skips it
-            if isinstance(exc, TimeoutError):
-                return False
-            raise
-        return True
-
-    def release(self) -> None:
-        """Give the slot to the oldest live waiter, or back to the pool."""
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.free += 1
+        return RateLimitDecision(False, 0, retry_after_s, self._burst, 0.0, "policy", known)
 
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _describe_pool(pool: object) -> str:
+    kwargs: Any = getattr(pool, "connection_kwargs", None) or {}
+    host, port, db = kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0)
+    if host is None:
+        return "redis (host client)"
+    return f"redis://{host}:{port}/{db}"

@@ -9,6 +9,11 @@ from voxcore.core.domain.errors import InvalidAudioError
 
 #: The most chunks one fragment may hold (SPEC-C); a longer list is cut at this length.
 MAX_CHUNKS = 20_000
+#: Plausible WAV formats: anything outside is a corrupt or hostile header, refused with a reason
+#: (a "1 Hz" file would otherwise be cut into millions of one-frame chunks).
+MIN_WAV_SAMPLE_RATE = 4_000
+MAX_WAV_SAMPLE_RATE = 384_000
+MAX_WAV_CHANNELS = 16
 
 _ENCODINGS = {1: "pcm_u8", 2: "pcm_s16le", 3: "pcm_s24le", 4: "pcm_s32le"}
 _WAVE_FORMAT_PCM = 0x0001
@@ -136,8 +141,7 @@ def parse_wav(data: bytes) -> WavAudio:
     Raises:
         InvalidAudioError: the bytes are not a WAV file, not integer PCM, or are truncated.
     """
-    if len(data) < 12 or data[0:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise InvalidAudioError("not a WAV file (missing RIFF/WAVE header)")
+    parse_riff_header(data[:12])
     fmt: AudioFormat | None = None
     pos = 12
     while pos + 8 <= len(data):
@@ -145,21 +149,13 @@ def parse_wav(data: bytes) -> WavAudio:
         (size,) = struct.unpack_from("<I", data, pos + 4)
         body = pos + 8
         if chunk_id == b"fmt ":
+            if fmt is not None:
+                raise InvalidAudioError("invalid WAV: a second 'fmt ' chunk (which one describes the data?)")
             fmt = _parse_fmt(data[body : body + size], size)
         elif chunk_id == b"data":
             if fmt is None:
                 raise InvalidAudioError("WAV 'data' chunk comes before its 'fmt ' chunk")
-            available = len(data) - body
-            if available < size:
-                raise InvalidAudioError(
-                    f"truncated WAV: data chunk declares {size} bytes but only {available} are present"
-                )
-            if size % fmt.frame_size:
-                raise InvalidAudioError(
-                    f"WAV data length {size} is not a whole number of {fmt.frame_size}-byte frames"
-                )
-            if size == 0:
-                raise InvalidAudioError("WAV file holds no audio frames")
+            data_layout(fmt, body, size, len(data))
             return WavAudio(format=fmt, pcm=memoryview(data)[body : body + size])
         pos = body + size + (size & 1)  # RIFF chunks are padded to even lengths
     if fmt is None:
@@ -167,10 +163,72 @@ def parse_wav(data: bytes) -> WavAudio:
     raise InvalidAudioError("truncated WAV: no 'data' chunk")
 
 
+@dataclass(frozen=True, slots=True)
+class WavLayout:
+    """Where the audio of a WAV file is, from its header alone (for readers that seek).
+
+    Attributes:
+        format: The PCM format of the ``data`` chunk.
+        data_offset: Byte offset of the first PCM byte in the file.
+        data_size: Bytes of PCM the ``data`` chunk declares (whole frames, checked against the file size).
+    """
+
+    format: AudioFormat
+    data_offset: int
+    data_size: int
+
+
+def parse_riff_header(head: bytes) -> None:
+    """Check the 12-byte RIFF/WAVE header.
+
+    Raises:
+        InvalidAudioError: not a RIFF/WAVE file.
+    """
+    if len(head) < 12 or head[0:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise InvalidAudioError("not a WAV file (missing RIFF/WAVE header)")
+
+
+def parse_chunk_header(header: bytes) -> tuple[bytes, int]:
+    """``(chunk id, declared size)`` of an 8-byte RIFF chunk header."""
+    if len(header) < 8:
+        raise InvalidAudioError("truncated WAV: a chunk header is cut short")
+    (size,) = struct.unpack_from("<I", header, 4)
+    return bytes(header[0:4]), size
+
+
+def parse_fmt_chunk(body: bytes) -> AudioFormat:
+    """The format a ``fmt `` chunk body declares (integer PCM in a plausible range only).
+
+    Raises:
+        InvalidAudioError: not integer PCM, or an implausible/inconsistent header.
+    """
+    return _parse_fmt(body, len(body))
+
+
+def data_layout(fmt: AudioFormat, data_offset: int, declared: int, file_size: int) -> WavLayout:
+    """Check a ``data`` chunk's declared size against the format and the file size.
+
+    Raises:
+        InvalidAudioError: truncated, not whole frames, or empty.
+    """
+    available = file_size - data_offset
+    if available < declared:
+        raise InvalidAudioError(
+            f"truncated WAV: data chunk declares {declared} bytes but only {available} are present"
+        )
+    if declared % fmt.frame_size:
+        raise InvalidAudioError(
+            f"WAV data length {declared} is not a whole number of {fmt.frame_size}-byte frames"
+        )
+    if declared == 0:
+        raise InvalidAudioError("WAV file holds no audio frames")
+    return WavLayout(format=fmt, data_offset=data_offset, data_size=declared)
+
+
 def _parse_fmt(body: bytes, declared: int) -> AudioFormat:
     if declared < 16 or len(body) < 16:
         raise InvalidAudioError("truncated WAV: 'fmt ' chunk is shorter than 16 bytes")
-    tag, channels, rate, _byte_rate, _align, bits = struct.unpack_from("<HHIIHH", body, 0)
+    tag, channels, rate, byte_rate, align, bits = struct.unpack_from("<HHIIHH", body, 0)
     if tag == _WAVE_FORMAT_EXTENSIBLE:
         if len(body) < 40 or body[26:40] != _GUID_TAIL:
             raise InvalidAudioError("unsupported WAV encoding: EXTENSIBLE without a known sub-format")
@@ -187,4 +245,19 @@ def _parse_fmt(body: bytes, declared: int) -> AudioFormat:
         raise InvalidAudioError(f"unsupported WAV sample size: {bits} bits")
     if channels == 0 or rate == 0:
         raise InvalidAudioError(f"invalid WAV header: {channels} channels at {rate} Hz")
+    if not MIN_WAV_SAMPLE_RATE <= rate <= MAX_WAV_SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"implausible WAV header: {rate} Hz is outside {MIN_WAV_SAMPLE_RATE}..{MAX_WAV_SAMPLE_RATE} Hz"
+        )
+    if channels > MAX_WAV_CHANNELS:
+        raise InvalidAudioError(f"implausible WAV header: {channels} channels (at most {MAX_WAV_CHANNELS})")
+    frame = channels * (bits // 8)
+    if align != frame:
+        raise InvalidAudioError(
+            f"inconsistent WAV header: block align {align} != {channels} channels x {bits // 8} bytes"
+        )
+    if byte_rate != rate * frame:
+        raise InvalidAudioError(
+            f"inconsistent WAV header: byte rate {byte_rate} != {rate} Hz x {frame} bytes"
+        )
     return AudioFormat(sample_rate=rate, channels=channels, sample_width=bits // 8)

@@ -89,13 +89,39 @@ class AbstractAudioCache(AbstractCache):
     """``AbstractCache`` plus what low-latency playback needs: streaming reads and stored formats."""
 
     @abc.abstractmethod
-    async def open_audio_stream(self, key: str) -> AudioChunkStream | None:
+    async def open_audio_stream(self, key: str, *, raise_on_outage: bool = False) -> AudioChunkStream | None:
         """Start reading a fragment; the first chunks are already fetched when this returns.
+
+        The stream yields the whole fragment, or ends with
+        :class:`~voxcore.core.ports.errors.AudioStreamIncompleteError` after a prefix of it.
+
+        Args:
+            key: The fragment's key.
+            raise_on_outage: Raise instead of answering ``None`` when the backend fails.
 
         Returns:
             A stream of the fragment's chunks, or ``None`` when the key is missing (or on a soft
-            failure, which is logged).
+            failure, which is logged, unless ``raise_on_outage``).
+
+        Raises:
+            CacheUnavailableError: only with ``raise_on_outage=True``, when the backend failed.
         """
+
+    async def fetch_audio_chunks(self, key: str) -> list[bytes] | None:
+        """``get_audio_chunks`` that tells a miss (``None``) from an outage (raises).
+
+        The default reads the whole stream of ``open_audio_stream(key, raise_on_outage=True)``;
+        adapters override it with one round trip.
+
+        Raises:
+            CacheUnavailableError: the backend failed.
+            AudioStreamIncompleteError: the fragment could only be read in part.
+        """
+        stream = await self.open_audio_stream(key, raise_on_outage=True)
+        if stream is None:
+            return None
+        async with stream:
+            return [chunk async for chunk in stream]
 
     @abc.abstractmethod
     async def set_audio_fragment(

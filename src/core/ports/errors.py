@@ -6,6 +6,8 @@
      ├── ConfigurationError            settings missing or invalid (raised at start, never mid-call)
      └── BackendError (transient?)     a backing service failed
           ├── BackendUnavailableError     cannot be reached right now            transient
+          │    └── CacheUnavailableError     Redis failed (outage, deadline, circuit open)
+          ├── AudioStreamIncompleteError  a streamed fragment ended before its last chunk
           └── LLMError                    an LLM provider call failed
                ├── LLMAuthError              401/403: bad or missing API key
                ├── LLMModelNotFoundError     404: unknown model
@@ -17,7 +19,9 @@
                                              invalid structured JSON             transient
           └── TTSError                    a speech synthesis failed (``transient`` as the cause)
 
-The cache port does not raise at all (SPEC-A: soft returns); these are for the ports that do.
+The cache port's SPEC-A methods do not raise (soft returns). Two cache errors exist for callers that
+ask for them: ``CacheUnavailableError`` (``open_audio_stream(key, raise_on_outage=True)`` tells an
+outage from a miss) and ``AudioStreamIncompleteError`` (a stream never ends early silently).
 Adapters translate third-party errors at the boundary (``raise LLMTimeoutError(...) from exc``).
 """
 
@@ -51,6 +55,40 @@ class BackendUnavailableError(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=True)
+
+
+class CacheUnavailableError(BackendUnavailableError):
+    """Redis could not answer (connection failure, the per-call deadline, or the circuit is open).
+
+    Attributes:
+        op: The cache operation.
+        key: The key it was about.
+    """
+
+    def __init__(self, message: str, *, op: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.op = op
+        self.key = key
+
+
+class AudioStreamIncompleteError(BackendError):
+    """A streamed fragment ended before its last chunk; the consumer has a prefix of it.
+
+    Raised by the stream's iteration instead of a normal end, so silence is never mistaken for
+    the end of a recording.
+
+    Attributes:
+        key: The fragment's key.
+        delivered: Chunks yielded before the failure.
+        reason: ``unavailable`` (Redis failed while fetching the rest; transient) or
+            ``version_lost`` (the fragment was overwritten twice during the read).
+    """
+
+    def __init__(self, message: str, *, key: str, delivered: int, reason: str) -> None:
+        super().__init__(message, transient=reason == "unavailable")
+        self.key = key
+        self.delivered = delivered
+        self.reason = reason
 
 
 class LLMError(BackendError):

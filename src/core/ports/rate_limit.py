@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +17,10 @@ class RateLimitDecision:
         retry_after_s: When denied, seconds until the same request would be allowed; 0 when allowed.
         limit: The subject's capacity: how many unit requests may pass at once from idle.
         reset_after_s: Seconds until the subject is back at full capacity (0 when it already is).
+        decided_by: ``redis`` (the backend's answer) or ``policy`` (the backend failed; the
+            fail-open/fail-closed policy answered).
+        outcome_known: False when the backend may have consumed the units even though its answer
+            was lost (a late or cut reply): the request was not resent, so at most one charge.
     """
 
     allowed: bool
@@ -23,6 +28,8 @@ class RateLimitDecision:
     retry_after_s: float
     limit: int
     reset_after_s: float
+    decided_by: Literal["redis", "policy"] = "redis"
+    outcome_known: bool = True
 
 
 class RateLimiter(abc.ABC):
