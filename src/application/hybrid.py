@@ -440,7 +440,9 @@ class HybridResponder:
             if turn.source_error is not None:
                 outcome = "failed"
                 raise turn.source_error
-            outcome = "ok"
+            # An item that ended early (a cached fragment cut short, AudioStreamIncompleteError)
+            # leaves a hole in the reply: it is played to its end, but not reported "ok".
+            outcome = "degraded" if turn.failed else "ok"
         except Exception:
             outcome = "failed"
             raise
@@ -1117,7 +1119,7 @@ class HybridResponder:
             outcome=outcome,
         )
         self._last_metrics = result
-        level = logging.WARNING if outcome == "failed" else logging.INFO
+        level = logging.WARNING if outcome in ("failed", "degraded") else logging.INFO
         emit(logger, "hybrid_turn", level, **result.fields())
         turn.span.set_attributes(result.span_attributes())
         if outcome == "failed":

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
 from voxcore.core.domain.keys import session_hash, summary_key
+from voxcore.core.domain.text import repair_text
 from voxcore.core.domain.models import (
     ConversationHistory,
     ConversationMessage,
@@ -257,6 +258,8 @@ class ConversationManager(AbstractConversationManager):
             raise RuntimeError("the conversation manager is shut down")
         if self._open_turn_index is not None:
             raise RuntimeError("a turn is still open: close its generator (aclose) before starting the next")
+        if isinstance(final_user_text, str):
+            final_user_text = self._repaired(final_user_text, "user_text")
         user_message = make_message("user", final_user_text)
         self._turns += 1
         self._open_turn_index = self._turns
@@ -308,6 +311,15 @@ class ConversationManager(AbstractConversationManager):
                     if out.text_chunk:
                         turn.parts.append(out.text_chunk)
                         turn.spoken = True
+                        if not out.text_chunk.isascii():
+                            # Half an emoji in a delta must not break the consumer's TTS or logs;
+                            # the history gets the joined reply, repaired once (a pair split over
+                            # two deltas joins back there).
+                            text, replaced = repair_text(out.text_chunk)
+                            if replaced:
+                                out = LLMStreamChunk(
+                                    text_chunk=text, is_safe=out.is_safe, aggression_score=out.aggression_score
+                                )
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -364,8 +376,16 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.client_ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
-        self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
+        reply = self._repaired("".join(turn.parts), "assistant_reply")
+        self._dual.active_context.append(make_message("assistant", reply))
         self._dual.after_message()
+
+    def _repaired(self, text: str, where: str) -> str:
+        """``text`` with unpaired surrogates replaced by U+FFFD; one ``text_repaired`` line if any."""
+        repaired, replaced = repair_text(text)
+        if replaced:
+            emit(logger, "text_repaired", logging.WARNING, where=where, replaced=replaced, turn=self._turns)
+        return repaired
 
     def _finish(self, turn: _Turn, span: trace.Span) -> TurnMetrics:
         ratio_after = self._dual.active_context.estimate_usage_ratio()

@@ -231,7 +231,7 @@ def _as_segment(raw: object) -> Segment | None:
 # -- metrics ------------------------------------------------------------------------------------------
 
 ItemSource: TypeAlias = Literal["hit", "miss", "tts", "skipped", "silence"]
-TurnOutcome: TypeAlias = Literal["ok", "closed", "failed"]
+TurnOutcome: TypeAlias = Literal["ok", "degraded", "closed", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +251,9 @@ class HybridTurnMetrics:
         skipped: Items left out (a static fragment missing without a transcript, unusable audio).
         failed: Items that ended early because their synthesis failed.
         chunks: Audio chunks handed out.
-        outcome: ``ok``; ``closed`` (the consumer stopped reading or was cancelled); ``failed``.
+        outcome: ``ok``; ``degraded`` (the reply played to its end, but an item ended early - a
+            cached fragment cut short by a Redis failure, a failed synthesis); ``closed`` (the
+            consumer stopped reading or was cancelled); ``failed``.
     """
 
     items: int

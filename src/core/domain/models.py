@@ -8,6 +8,8 @@ from typing import Any, Literal, TypeAlias, TypedDict, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from voxcore.core.domain.text import repair_text
+
 Role: TypeAlias = Literal["user", "assistant", "system"]
 #: Every valid :data:`Role`, in declaration order.
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -120,7 +122,9 @@ def _message(role: object, content: object) -> ConversationMessage:
         raise ValueError(f"message role must be one of {', '.join(ROLES)}; got {role!r}")
     if not isinstance(content, str):
         raise ValueError(f"message content must be str, got {type(content).__name__}")
-    return ConversationMessage(role=role, content=content)
+    # A lone surrogate (half an emoji from a model or a transcript) cannot be sent as UTF-8: stored
+    # as is, it would break every later request of the conversation. U+FFFD takes its place.
+    return ConversationMessage(role=role, content=repair_text(content)[0])
 
 
 def json_schema_for(model: type[BaseModel], *, name: str | None = None) -> dict[str, Any]:
