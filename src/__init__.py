@@ -54,9 +54,33 @@ _EXPORTS: dict[str, str] = {
     "TTSError": "voxcore.core.ports.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "Container",
+    "CallRegistry",
+    "Settings",
+    "load_settings",
+    "ConversationManager",
+    "TurnMetrics",
+    "LLMStreamChunk",
+    "configure_logging",
+    "setup_telemetry",
+    "Telemetry",
+    "VoxcoreError",
+    "ConfigurationError",
+    "BackendError",
+    "BackendUnavailableError",
+    "LLMError",
+    "LLMAuthError",
+    "LLMRateLimitedError",
+    "LLMTimeoutError",
+    "LLMServerError",
+    "LLMProtocolError",
+    "TTSError",
+]
 
 if TYPE_CHECKING:
+    from voxcore.application.calls import CallRegistry
     from voxcore.application.manager import ConversationManager, TurnMetrics
     from voxcore.core.domain.models import LLMStreamChunk
     from voxcore.core.ports.errors import (
@@ -72,7 +96,6 @@ if TYPE_CHECKING:
         TTSError,
         VoxcoreError,
     )
-    from voxcore.application.calls import CallRegistry
     from voxcore.entrypoints.container import Container
     from voxcore.entrypoints.logging import configure_logging
     from voxcore.entrypoints.settings import Settings, load_settings

@@ -72,7 +72,7 @@ def voxcore_redis() -> Iterator[RedisTarget]:
         pytest.fail(str(exc), pytrace=False)
 
 
-@_async_fixture
+@_async_fixture  # type: ignore[untyped-decorator]
 async def voxcore_simulator(request: pytest.FixtureRequest) -> AsyncIterator[OpenAISimulator]:
     """The OpenAI-compatible simulator on a free 127.0.0.1 port, stopped after the test."""
     from voxcore.simulator import OpenAISimulator
@@ -85,7 +85,7 @@ async def voxcore_simulator(request: pytest.FixtureRequest) -> AsyncIterator[Ope
         yield simulator
 
 
-@_async_fixture
+@_async_fixture  # type: ignore[untyped-decorator]
 async def voxcore_container(
     request: pytest.FixtureRequest, voxcore_redis: RedisTarget, voxcore_simulator: OpenAISimulator
 ) -> AsyncIterator[Container]:
@@ -109,11 +109,13 @@ async def voxcore_container(
     if marker is not None:
         env.update({str(k): str(v) for k, v in marker.kwargs.items()})
     container = Container(settings=load_settings(env=env))
-    await container.init_resources()
+    started: Any = container.init_resources()
+    if started is not None:
+        await started
     try:
         yield container
     finally:
-        shutdown = container.shutdown_resources()
+        shutdown: Any = container.shutdown_resources()
         if shutdown is not None:
             await shutdown
         if env["VOXCORE_CACHE__KEY_PREFIX"]:  # never a whole-server sweep

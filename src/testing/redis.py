@@ -123,14 +123,18 @@ def choose_redis_source(
     if forced:
         if forced not in KINDS:
             raise RedisUnavailableError(f"{FORCE_ENV}={forced!r}: expected one of {', '.join(KINDS)}")
-        available = {
-            "container": engine_answers,
-            "redis-server": redis_server,
-            "env": lambda: bool(env.get("REDIS_URL")),
-        }[forced]()
+        kind: RedisKind = (
+            "container" if forced == "container" else "redis-server" if forced == "redis-server" else "env"
+        )
+        if kind == "container":
+            available = engine_answers()
+        elif kind == "redis-server":
+            available = redis_server()
+        else:
+            available = bool(env.get("REDIS_URL"))
         if not available:
             raise RedisUnavailableError(f"{FORCE_ENV}={forced} but that source is not available")
-        return forced  # type: ignore[return-value]
+        return kind
     if engine_answers():
         return "container"
     if redis_server():
@@ -162,7 +166,9 @@ def container_url(container: Any) -> str:
 
 
 @contextmanager
-def provide_redis(kind: RedisKind | None = None, *, env: Mapping[str, str] | None = None) -> Iterator[RedisTarget]:
+def provide_redis(
+    kind: RedisKind | None = None, *, env: Mapping[str, str] | None = None
+) -> Iterator[RedisTarget]:
     """Start (or locate) a real Redis of ``kind`` (chosen by :func:`choose_redis_source` when omitted)."""
     env = os.environ if env is None else env
     kind = kind or choose_redis_source(env=env)

@@ -1,4 +1,4 @@
-"""The ``voxcore`` pytest plugin as a host's suite uses it: found through its entry point, fixtures working."""
+"""The ``voxcore`` pytest plugin as a host's suite uses it: found by its entry point, fixtures working."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HOST_SUITE = '''
+HOST_SUITE = """
 import pytest
 
 from voxcore import Container
@@ -29,13 +29,14 @@ async def test_a_turn_through_the_container(voxcore_container: Container, voxcor
     cache = voxcore_container.cache()
     assert cache.key_prefix.startswith("test:")
     assert await cache.set_text("summary:session:x", "ok", 60)
-'''
+"""
 
 
 def test_a_host_suite_gets_the_fixtures_from_the_entry_point(tmp_path: Path) -> None:
     (tmp_path / "test_host.py").write_text(HOST_SUITE, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text(
-        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\nfilterwarnings = error\n"
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "filterwarnings = error\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],

@@ -92,9 +92,9 @@ def always() -> bool:
 
 
 def test_a_container_engine_comes_first() -> None:
-    assert choose_redis_source(env={"REDIS_URL": "redis://x"}, engine_answers=always, redis_server=always) == (
-        "container"
-    )
+    assert choose_redis_source(
+        env={"REDIS_URL": "redis://x"}, engine_answers=always, redis_server=always
+    ) == ("container")
 
 
 def test_then_a_local_redis_server() -> None:
@@ -104,7 +104,9 @@ def test_then_a_local_redis_server() -> None:
 
 
 def test_then_redis_url() -> None:
-    assert choose_redis_source(env={"REDIS_URL": "redis://x"}, engine_answers=never, redis_server=never) == "env"
+    assert (
+        choose_redis_source(env={"REDIS_URL": "redis://x"}, engine_answers=never, redis_server=never) == "env"
+    )
 
 
 def test_nothing_available_is_a_clear_error() -> None:
@@ -116,7 +118,9 @@ def test_a_forced_source_wins_or_fails_loudly() -> None:
     env = {"VOXCORE_TEST_REDIS": "env", "REDIS_URL": "redis://x"}
     assert choose_redis_source(env=env, engine_answers=always, redis_server=always) == "env"
     with pytest.raises(RedisUnavailableError, match="not available"):
-        choose_redis_source(env={"VOXCORE_TEST_REDIS": "container"}, engine_answers=never, redis_server=always)
+        choose_redis_source(
+            env={"VOXCORE_TEST_REDIS": "container"}, engine_answers=never, redis_server=always
+        )
     with pytest.raises(RedisUnavailableError, match="expected one of"):
         choose_redis_source(env={"VOXCORE_TEST_REDIS": "docker"}, engine_answers=always, redis_server=always)
 
