@@ -799,4 +799,7 @@ def test_status_mapping_and_messages() -> None:
     assert isinstance(server, LLMServerError) and server.status == 502 and "Bad gateway" in str(server)
     assert "nope" in str(error_for_status(400, body, headers, what="POST /c", model="m"))
     assert provider_message(b"") == "(empty body)"
-    assert len(provider_message(b"x" * 5000)) == 500
+    long_page = provider_message(b"word " * 1000)
+    assert long_page.startswith("word word") and long_page.endswith("chars)") and len(long_page) < 230
+    leaked = provider_message(b'{"error": {"message": "Incorrect API key provided: sk-proj-1234567890abcdef"}}')
+    assert "sk-proj" not in leaked and "Incorrect API key provided" in leaked

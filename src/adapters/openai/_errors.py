@@ -29,6 +29,7 @@ from typing import Final
 
 import httpx
 
+from voxcore.core.domain.secrets import MAX_QUOTED_CHARS, quote_body
 from voxcore.core.ports.errors import (
     LLMAuthError,
     LLMBadRequestError,
@@ -40,12 +41,17 @@ from voxcore.core.ports.errors import (
     LLMTimeoutError,
 )
 
-# Provider messages are quoted in errors and logs; an HTML error page must not flood them.
-_MAX_MESSAGE_CHARS: Final = 500
+# Provider messages are quoted in errors and logs; an HTML error page must not flood them, and an
+# echoed API key or token must not leak into them (quote_body scrubs key-like strings).
+_MAX_MESSAGE_CHARS: Final = MAX_QUOTED_CHARS
 
 
 def provider_message(body: bytes) -> str:
-    """The human message of an error body (``{"error": {"message": ...}}``), or its text, shortened."""
+    """The human message of an error body (``{"error": {"message": ...}}``), or its text.
+
+    Shortened to ``MAX_QUOTED_CHARS`` and scrubbed of key-like strings (API keys, bearer tokens,
+    credentials in URLs): the message goes into errors and log lines.
+    """
     text = body.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)
@@ -59,10 +65,7 @@ def provider_message(body: bytes) -> str:
             text = error
         elif isinstance(parsed.get("message"), str):
             text = parsed["message"]
-    text = " ".join(text.split())
-    if len(text) > _MAX_MESSAGE_CHARS:
-        text = text[: _MAX_MESSAGE_CHARS - 1] + "…"
-    return text or "(empty body)"
+    return quote_body(text, _MAX_MESSAGE_CHARS) or "(empty body)"
 
 
 def retry_after_seconds(headers: httpx.Headers, *, now: float | None = None) -> float | None:

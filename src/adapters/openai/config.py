@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from voxcore.core.domain.secrets import mask_url
 from voxcore.core.ports.errors import ConfigurationError
 
 StructuredOutput = Literal["json_schema", "instructions"]
@@ -156,18 +157,19 @@ def _check_base_url(base_url: object) -> None:
         raise ConfigurationError(
             "OpenAIConfig.base_url must be a non-empty URL such as https://api.openai.com/v1"
         )
+    shown = mask_url(base_url)  # the URL may embed credentials: never echo them
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise ConfigurationError(f"OpenAIConfig.base_url {base_url!r} is not a valid URL: {exc}") from exc
+        raise ConfigurationError(f"OpenAIConfig.base_url {shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise ConfigurationError(
-            f"OpenAIConfig.base_url must start with http:// or https://, got {base_url!r}"
+            f"OpenAIConfig.base_url must start with http:// or https://, got {shown!r}"
         )
     if not parts.hostname:
-        raise ConfigurationError(f"OpenAIConfig.base_url has no host: {base_url!r}")
+        raise ConfigurationError(f"OpenAIConfig.base_url has no host: {shown!r}")
     if parts.query or parts.fragment:
-        raise ConfigurationError(f"OpenAIConfig.base_url must not carry a query or fragment: {base_url!r}")
+        raise ConfigurationError(f"OpenAIConfig.base_url must not carry a query or fragment: {shown!r}")
     if parts.username or parts.password:
         raise ConfigurationError("OpenAIConfig.base_url must not embed credentials; use api_key")
