@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
 from voxcore.core.domain.keys import session_hash, summary_key
-from voxcore.core.domain.text import repair_text
 from voxcore.core.domain.models import (
     ConversationHistory,
     ConversationMessage,
@@ -34,6 +33,7 @@ from voxcore.core.domain.summary import (
     history_digest,
     remember,
 )
+from voxcore.core.domain.text import repair_text
 from voxcore.core.ports.cache import AbstractCache
 from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMRateLimitedError
 from voxcore.core.ports.llm import (
@@ -318,7 +318,9 @@ class ConversationManager(AbstractConversationManager):
                             text, replaced = repair_text(out.text_chunk)
                             if replaced:
                                 out = LLMStreamChunk(
-                                    text_chunk=text, is_safe=out.is_safe, aggression_score=out.aggression_score
+                                    text_chunk=text,
+                                    is_safe=out.is_safe,
+                                    aggression_score=out.aggression_score,
                                 )
                     turn.chunks += 1
                     yield out

@@ -801,5 +801,5 @@ def test_status_mapping_and_messages() -> None:
     assert provider_message(b"") == "(empty body)"
     long_page = provider_message(b"word " * 1000)
     assert long_page.startswith("word word") and long_page.endswith("chars)") and len(long_page) < 230
-    leaked = provider_message(b'{"error": {"message": "Incorrect API key provided: sk-proj-1234567890abcdef"}}')
-    assert "sk-proj" not in leaked and "Incorrect API key provided" in leaked
+    leaked = provider_message(b'{"error": {"message": "Incorrect API key: sk-proj-1234567890abcdef"}}')
+    assert "sk-proj" not in leaked and "Incorrect API key" in leaked

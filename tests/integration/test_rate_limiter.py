@@ -257,7 +257,8 @@ async def test_redis_down_answers_by_policy_and_recovers(
         assert loop.time() - started < 5  # the breaker answers, not 50 socket timeouts
         if fail_open:
             assert all(
-                (d.allowed, d.remaining, d.retry_after_s, d.limit, d.decided_by) == (True, 3, 0.0, 5, "policy")
+                (d.allowed, d.remaining, d.retry_after_s, d.limit, d.decided_by)
+                == (True, 3, 0.0, 5, "policy")
                 for d in decisions
             )
         else:

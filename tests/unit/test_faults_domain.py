@@ -1,4 +1,4 @@
-"""Pure rules behind the fault handling: breaker transitions, key isolation, text repair, secrets, WAV headers."""
+"""Pure rules behind fault handling: breaker transitions, key isolation, text repair, secrets, WAV headers."""
 
 from __future__ import annotations
 

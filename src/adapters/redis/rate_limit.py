@@ -73,9 +73,10 @@ class RedisRateLimiter(RateLimiter):
     (``decided_by="policy"``). The script is never resent: when its reply is lost after sending,
     the decision says ``outcome_known=False`` (at most one charge happened). Fail-open allows
     (``remaining = burst - cost``, as if the subject were idle); fail-closed denies with
-    ``retry_after_s`` set to when Redis will next be tried. After a connection-level failure a circuit breaker answers at once (no socket timeout per call) while
-    one background PING per window finds out when Redis is back. Each denial is logged as
-    ``rate_limited`` ``{subject, retry_after_s}`` at INFO.
+    ``retry_after_s`` set to when Redis will next be tried. After a connection-level failure or a
+    missed deadline a circuit breaker answers at once while one background PING per window finds
+    out when Redis is back. Each denial is logged as ``rate_limited`` ``{subject, retry_after_s}``
+    at INFO.
 
     Args:
         redis_client: The client to use (``decode_responses`` either way). It stays the caller's:
