@@ -34,6 +34,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.core.domain.resilience import CircuitBreaker
+from voxcore.core.domain.secrets import mask_url
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.logging import configure_logging
 
@@ -171,7 +172,7 @@ def render(rows: list[Row], url: str) -> str:
         "(the stream's tail fetch vs a raw `LRANGE 1 -1`), so each timed read starts from the same state.",
         "",
         *run_context(),
-        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}",
+        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {mask_url(url)}",
         "",
         "| operation | raw (us) | voxcore (us) | ratio | target | ok |",
         "|---|---:|---:|---:|---|---|",

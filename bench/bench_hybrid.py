@@ -51,6 +51,7 @@ from voxcore.adapters.redis.config import RedisConfig
 from voxcore.application.hybrid import HybridResponder
 from voxcore.core.domain.audio import AudioFormat, plan_chunks, split_pcm
 from voxcore.core.domain.playlist import Playlist, StaticItem, TTSItem
+from voxcore.core.domain.secrets import mask_url
 from voxcore.core.domain.tts_text import tts_cache_key
 from voxcore.core.ports.tts import SpeechRequest
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
@@ -300,7 +301,7 @@ def render(rows: list[Row], extra: dict[str, float], url: str, rounds: int, iter
         "(JSON at INFO).",
         "",
         *run_context(),
-        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}; "
+        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {mask_url(url)}; "
         f"httpx {httpx.__version__}",
         "",
         "| operation | raw (us) | voxcore (us) | ratio | target | ok |",

@@ -34,6 +34,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from voxcore.adapters.redis import rate_limit
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
+from voxcore.core.domain.secrets import mask_url
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.logging import configure_logging
 
@@ -142,7 +143,7 @@ def render(rows: list[Row], url: str, rounds: int, iterations: int) -> str:
         "at INFO). Ratios matter; absolute numbers depend on the machine.",
         "",
         *run_context(),
-        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {url}",
+        f"- redis-py {redis.__version__}, hiredis parser: {HIREDIS_AVAILABLE}; server: {mask_url(url)}",
         "",
         "| operation | raw (us) | voxcore (us) | ratio | target | ok |",
         "|---|---:|---:|---:|---|---|",

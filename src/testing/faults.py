@@ -71,11 +71,11 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
-            writer.close()
+            writer.close()  # the handlers see EOF and end by themselves
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()

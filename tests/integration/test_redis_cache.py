@@ -498,7 +498,13 @@ async def test_close_is_idempotent_and_calls_after_close_are_soft(
 async def test_more_callers_than_connections_queue_instead_of_failing(
     redis_target: Any, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
-    cache = RedisCacheManager(RedisConfig(url=redis_target.url, max_connections=2), key_prefix=key_prefix)
+    # the deadline covers the queueing too: long enough here for 30 callers on 2 connections
+    cache = RedisCacheManager(
+        RedisConfig(url=redis_target.url, max_connections=2, pool_timeout=5.0),
+        key_prefix=key_prefix,
+        op_timeout_ms=5000,
+        bulk_timeout_ms=5000,
+    )
     await cache.connect()
     try:
         chunks = [b"q" * 640] * 2000

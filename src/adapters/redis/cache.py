@@ -48,7 +48,7 @@ _PREV = keys.INTERNAL_NAMESPACE + ":prev:"
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
 _EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
 #: Default per-call deadline of reads on the audio path, and of everything else small.
-DEFAULT_OP_TIMEOUT_MS: Final = 250.0
+DEFAULT_OP_TIMEOUT_MS: Final = 200.0
 #: Default deadline of calls that move a whole fragment (writes, the rest of a streamed read).
 DEFAULT_BULK_TIMEOUT_MS: Final = 2000.0
 

@@ -12,6 +12,9 @@ from typing import Final, Literal, TypeAlias
 
 BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
 
+#: Default cap of the fast-fail window (so a recovered backend is noticed within ~1 s).
+DEFAULT_MAX_WINDOW_S: Final = 0.75
+
 CLOSED: Final = "closed"
 OPEN: Final = "open"
 HALF_OPEN: Final = "half_open"
@@ -56,11 +59,12 @@ class CircuitBreaker:
 
     Attributes:
         base_window_s: First fast-fail window after a failure.
-        max_window_s: Cap of the exponentially growing window.
+        max_window_s: Cap of the exponentially growing window: the longest a recovered backend can
+            go unnoticed. Default: :data:`DEFAULT_MAX_WINDOW_S` (or ``base_window_s`` if longer).
     """
 
     base_window_s: float = 0.25
-    max_window_s: float = 2.0
+    max_window_s: float = 0.0
     _state: BreakerState = field(default=CLOSED, init=False)
     _open_until: float = field(default=0.0, init=False)
     _window_s: float = field(default=0.0, init=False)
@@ -72,6 +76,8 @@ class CircuitBreaker:
     _pending: list[BreakerTransition] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
+        if not self.max_window_s:
+            self.max_window_s = max(DEFAULT_MAX_WINDOW_S, self.base_window_s)
         if self.base_window_s <= 0 or self.max_window_s < self.base_window_s:
             raise ValueError("breaker windows must satisfy 0 < base_window_s <= max_window_s")
 
