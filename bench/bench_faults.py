@@ -84,6 +84,14 @@ def old_client(url: str, *, socket_timeout: float = 1.0) -> aioredis.Redis:
     )
 
 
+async def wait_for_true(check: Callable[[], Awaitable[bool]], step_s: float, limit_s: float = 30.0) -> None:
+    """Poll ``check`` every ``step_s`` until it is true (or ``limit_s`` passed)."""
+    for _ in range(max(1, int(limit_s / step_s))):
+        if await check():
+            return
+        await asyncio.sleep(step_s)
+
+
 async def timed(call: Callable[[], Awaitable[object]]) -> tuple[float, object]:
     started = time.perf_counter()
     try:
@@ -105,8 +113,7 @@ async def half_open(server: EmbeddedRedis, trials: int) -> list[Figure]:
         await cache.set_audio_chunks("static:a", [b"x" * 640] * 10)
         for trial in range(trials):
             proxy.mode = "pass"
-            while await cache.get_audio_chunks("static:a") is None:
-                await asyncio.sleep(0.01)
+            await wait_for_true(lambda: _hit(cache), 0.01)
             proxy.mode = "stall"
             ms, _ = await timed(lambda: cache.get_audio_chunks("static:a"))
             warm_ms.append(ms)
@@ -116,8 +123,7 @@ async def half_open(server: EmbeddedRedis, trials: int) -> list[Figure]:
             await asyncio.sleep(0.4 + 0.3 * (trial % 3))  # outages of different lengths
             proxy.mode = "pass"
             returned = time.perf_counter()
-            while await cache.get_audio_chunks("static:a") is None:
-                await asyncio.sleep(0.001)
+            await wait_for_true(lambda: _hit(cache), 0.001)
             recovery_ms.append((time.perf_counter() - returned) * 1000)
         await cache.close()
         for _ in range(trials):  # a new connection: the handshake itself is never answered
@@ -147,6 +153,14 @@ async def half_open(server: EmbeddedRedis, trials: int) -> list[Figure]:
         Figure("breaker open: worst call", max(open_ms), "ms", 1.0),
         Figure("recovery after Redis answers again: worst", max(recovery_ms), "ms", 1000),
     ]
+
+
+async def _hit(cache: RedisCacheManager) -> bool:
+    return await cache.get_audio_chunks("static:a") is not None
+
+
+async def _both_up(limiter: RedisRateLimiter, cache: RedisCacheManager) -> bool:
+    return (await limiter.acquire("probe")).decided_by == "redis" and await cache.ping()
 
 
 # -- late replies ------------------------------------------------------------------------------------------
@@ -184,8 +198,7 @@ async def late_replies(server: EmbeddedRedis, trials: int) -> list[Figure]:
         await old.evalsha(sha, 1, "old:warm", 6_000_000, 60_000_000, 1)
         for i in range(trials):
             # each trial starts with both breakers closed (the previous deadline opened them)
-            while (await limiter.acquire("probe")).decided_by != "redis" or not await cache.ping():
-                await asyncio.sleep(0.05)
+            await wait_for_true(lambda: _both_up(limiter, cache), 0.05)
             sleeper = await debug_sleep(url, LATE_S)
             decision = await limiter.acquire(f"s{i}")
             unknown += not decision.outcome_known
@@ -322,15 +335,19 @@ async def outage_logs(outage_s: float) -> list[Figure]:
         failed = sum(cache.failed_operations.values())
         await asyncio.to_thread(server.start)
         returned = time.perf_counter()
-        while not await cache.ping():
-            await asyncio.sleep(0.001)
+        await wait_for_true(cache.ping, 0.001)
         recovery_ms = (time.perf_counter() - returned) * 1000
         await cache.close()
     finally:
         logger.removeHandler(counter)
         server.close()
     return [
-        Figure(f"outage {outage_s:g} s, 20 callers: log lines (calls: {calls}, counted: {failed})", counter.lines, "", 40),
+        Figure(
+            f"outage {outage_s:g} s, 20 callers: log lines (calls: {calls}, counted: {failed})",
+            counter.lines,
+            "",
+            40,
+        ),
         Figure("recovery after a Redis restart", recovery_ms, "ms", 1000),
     ]
 
@@ -391,7 +408,8 @@ def render(figures: list[Figure]) -> str:
         "|---|---:|---:|---:|:-:|",
     ]
     for f in figures:
-        value = f"{f.value:.3g} {f.unit}".strip() if isinstance(f.value, float) else f"{f.value} {f.unit}".strip()
+        shown = f"{f.value:.3g}" if isinstance(f.value, float) else f"{f.value}"
+        value = f"{shown} {f.unit}".strip()
         baseline = "-" if f.baseline is None else f"{f.baseline:.4g} {f.unit}".strip()
         target = "-" if f.target is None else f"<= {f.target:g} {f.unit}".strip()
         verdict = "-" if f.target is None else ("yes" if f.ok else "NO")
@@ -407,15 +425,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
         cancel = [await cancellations(debug.url, args.trials_cancel)]
     finally:
         debug.close()
-    if args.also_python:
-        out = subprocess.run(
-            [args.also_python, __file__, "--only", "cancel", "--json", "--trials-cancel", str(args.trials_cancel)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        cancel.append(json.loads(out.strip().splitlines()[-1]))
-    figures += cancellation_figures(cancel)
+    figures += cancellation_figures([*cancel, *args.other_pythons])
     figures += await outage_logs(args.outage_s)
     figures += await hostile_files()
     return figures
@@ -430,7 +440,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--trials-half-open", type=int, default=10)
     parser.add_argument("--trials-late", type=int, default=100)
-    parser.add_argument("--trials-cancel", type=int, default=1000, help="cancellations that land on a running call")
+    parser.add_argument(
+        "--trials-cancel", type=int, default=1000, help="cancellations that land on a running call"
+    )
     parser.add_argument("--outage-s", type=float, default=5.0)
     args = parser.parse_args()
     logging.getLogger("voxcore").addHandler(logging.NullHandler())  # only the figures on stdout
@@ -443,6 +455,13 @@ def main() -> int:
     if args.also_python is None:
         default = Path(__file__).resolve().parent.parent / ".venv313" / "bin" / "python"
         args.also_python = str(default) if default.exists() else None
+    args.other_pythons = []
+    if args.also_python:  # the same trials under another interpreter (e.g. 3.13), as JSON
+        command = [args.also_python, __file__, "--only", "cancel", "--json"]
+        out = subprocess.run(
+            [*command, "--trials-cancel", str(args.trials_cancel)], check=True, capture_output=True, text=True
+        ).stdout
+        args.other_pythons.append(json.loads(out.strip().splitlines()[-1]))
     figures = asyncio.run(run(args))
     section = render(figures)
     sys.stdout.write(section)
