@@ -34,7 +34,7 @@ from voxcore.core.domain.summary import (
     remember,
 )
 from voxcore.core.ports.cache import AbstractCache
-from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMRateLimitedError
+from voxcore.core.ports.errors import LLMError, LLMProtocolError
 from voxcore.core.ports.llm import (
     AbstractConversationManager,
     AbstractLLMClient,
@@ -426,7 +426,7 @@ class ConversationManager(AbstractConversationManager):
                 error_type=error_type,
                 message=str(exc),
                 transient=exc.transient if isinstance(exc, LLMError) else False,
-                retry_after=exc.retry_after if isinstance(exc, LLMRateLimitedError) else None,
+                retry_after=getattr(exc, "retry_after", None) if isinstance(exc, LLMError) else None,
                 rolled_back=rolled_back,
                 chunks=turn.chunks,
             )

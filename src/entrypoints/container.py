@@ -97,6 +97,7 @@ def openai_config_from(settings: Settings) -> OpenAIConfig:
         read_timeout_s=llm.timeouts.read_s,
         pool_timeout_s=llm.timeouts.pool_s,
         first_token_timeout_s=llm.timeouts.first_token_s,
+        turn_timeout_s=llm.timeouts.turn_s,
         keepalive_expiry_s=llm.keepalive_expiry_s,
         warmup_interval_s=llm.warmup.interval_s,
         warmup_endpoint=llm.warmup.endpoint,

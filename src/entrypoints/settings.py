@@ -88,6 +88,7 @@ class LLMTimeouts(BaseModel):
     read_s: PositiveFloat = 30.0  # longest silence between two streamed chunks
     pool_s: PositiveFloat = 5.0
     first_token_s: PositiveFloat = 15.0  # request sent -> first content token
+    turn_s: PositiveFloat = 60.0  # the whole streamed turn: request -> last chunk, however it trickles
 
 
 class LLMModels(BaseModel):

@@ -150,7 +150,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
     in every case (also when the consumer stops early: close the generator, e.g. with
     ``contextlib.aclosing``), one ``llm_error`` event is logged and :attr:`last_result` keeps its value.
     Timeouts: ``first_token_timeout_s`` bounds request sent -> first content token; after that httpx's
-    read timeout bounds the silence between chunks.
+    read timeout bounds the silence between chunks, and ``turn_timeout_s`` the whole turn.
 
     Args:
         config: Provider and request settings.
@@ -268,7 +268,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         Raises:
             LLMAuthError, LLMModelNotFoundError, LLMBadRequestError, LLMRateLimitedError, LLMServerError:
                 the provider refused the request (HTTP status).
-            LLMTimeoutError: connecting, the first token or a later chunk took too long.
+            LLMTimeoutError: connecting, the first token or a later chunk took too long, or the whole
+                turn outlived ``turn_timeout_s``.
             LLMProtocolError: malformed SSE, a stream cut short, or an answer that is not valid JSON of
                 ``response_model``.
         """
@@ -327,11 +328,16 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             )
         )
         sent = clock()
+        now = loop.time()
+        # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
+        # while the generator waits for the network and disarmed while chunks are yielded, so it can never
+        # cancel the consumer's code between two chunks; a turn deadline that passed meanwhile fires at the
+        # next wait.
+        turn_at = now + config.turn_timeout_s
+        first_token_at = now + config.first_token_timeout_s
         try:
             try:
-                # Armed until the first content token, and again for the tail once the answer is complete;
-                # never while chunks are yielded, so it cannot cancel the consumer's code between two chunks.
-                async with asyncio.timeout(config.first_token_timeout_s) as first_token_deadline:
+                async with asyncio.timeout_at(min(first_token_at, turn_at)) as first_token_deadline:
                     async with http_client.stream("POST", CHAT_PATH, json=body) as response:
                         status = response.status_code
                         reused = connection_reused(response)
@@ -375,9 +381,9 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                             f"mid-stream: {message}"
                                         ) from None
                                 if content:
+                                    first_token_deadline.reschedule(None)
                                     if first_at is None:
                                         first_at = clock()
-                                        first_token_deadline.reschedule(None)
                                         ttft_s = first_at - sent
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
                                         self._ttfc.record(ttft_s, self._metric_attributes(model))
@@ -422,11 +428,13 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         for text in pending:
                                             yield LLMStreamChunk(text)
                                         pending.clear()
-                                    if completed and not tail_armed:
-                                        # Nothing is yielded inside this block any more (the object is
-                                        # closed), so the deadline can be armed again for the tail.
-                                        tail_armed = True
-                                        first_token_deadline.reschedule(loop.time() + _TAIL_S)
+                                    if completed:
+                                        if not tail_armed:
+                                            # Nothing is yielded any more (the object is closed): the rest
+                                            # of the stream gets a short deadline of its own.
+                                            tail_armed = True
+                                            turn_at = min(turn_at, loop.time() + _TAIL_S)
+                                    first_token_deadline.reschedule(turn_at)
                                     # finish_reason/usage rarely ride on a content chunk: only the last
                                     # one is checked, after the loop (keeps two lookups off the hot path).
                                     last_content = obj
@@ -474,9 +482,14 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                 await aclose()
             except TimeoutError as exc:
                 if not completed:
+                    if first_at is None and first_token_at <= turn_at:
+                        raise LLMTimeoutError(
+                            f"{what} (model {model}): no content within first_token_timeout_s="
+                            f"{config.first_token_timeout_s:g} s"
+                        ) from exc
                     raise LLMTimeoutError(
-                        f"{what} (model {model}): no content within first_token_timeout_s="
-                        f"{config.first_token_timeout_s:g} s"
+                        f"{what} (model {model}): the turn did not finish within turn_timeout_s="
+                        f"{config.turn_timeout_s:g} s (llm.timeouts.turn_s; {chunks} chunks received)"
                     ) from exc
                 # The whole answer arrived; only the tail (usage, [DONE]) was lost.
                 emit(log, "stream_tail_timeout", logging.WARNING, model=model, tail_s=_TAIL_S)

@@ -17,6 +17,7 @@ _POSITIVE_SECONDS = (
     "read_timeout_s",
     "pool_timeout_s",
     "first_token_timeout_s",
+    "turn_timeout_s",
     "keepalive_expiry_s",
     "warmup_interval_s",
 )
@@ -40,6 +41,8 @@ class OpenAIConfig:
         read_timeout_s: Longest silence between two received pieces of a response (e.g. stream chunks).
         pool_timeout_s: Waiting for a free connection of the pool.
         first_token_timeout_s: Request sent -> first content token of a stream.
+        turn_timeout_s: The whole streamed turn: call -> last chunk (``llm.timeouts.turn_s``). A stream that
+            trickles chunks just often enough to beat ``read_timeout_s`` still ends here.
         keepalive_expiry_s: Idle pooled connections are closed after this; must outlive
             ``warmup_interval_s`` so that the warm-up keeps the connection open.
         warmup_interval_s: Idle time after which the warm-up loop pings the provider.
@@ -64,6 +67,7 @@ class OpenAIConfig:
     read_timeout_s: float = 30.0
     pool_timeout_s: float = 5.0
     first_token_timeout_s: float = 15.0
+    turn_timeout_s: float = 60.0
     keepalive_expiry_s: float = 90.0
     warmup_interval_s: float = 20.0
     warmup_endpoint: str = "/models"
