@@ -104,6 +104,7 @@ def openai_config_from(settings: Settings) -> OpenAIConfig:
         warmup_completion=llm.warmup.completion,
         warmup_model=llm.models.main,
         structured_output=llm.structured_output,
+        max_concurrent_requests=llm.max_concurrent_requests,
         stream_usage=llm.stream_usage,
         max_output_tokens=llm.max_output_tokens,
         temperature=llm.temperature,

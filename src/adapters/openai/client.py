@@ -16,14 +16,23 @@ from opentelemetry import metrics, trace
 from pydantic import BaseModel, ValidationError
 
 from voxcore.adapters.openai._errors import error_for_exception, error_for_status, provider_message
+from voxcore.adapters.openai.concurrency import Slot, gate_for
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import DURATION_BUCKETS, connection_reused
+from voxcore.adapters.openai.structured_output import (
+    Variant,
+    apply_variant,
+    first_variant,
+    next_variant,
+    refusal_hint,
+    refuses_response_format,
+    remember,
+)
 from voxcore.core.domain.models import (
     MAX_AGGRESSION,
     MIN_AGGRESSION,
     ConversationMessage,
     LLMStreamChunk,
-    json_schema_for,
 )
 from voxcore.core.domain.structured import (
     FieldValue,
@@ -33,7 +42,13 @@ from voxcore.core.domain.structured import (
     TextComplete,
     TextDelta,
 )
-from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMTimeoutError
+from voxcore.core.ports.errors import (
+    LLMBadRequestError,
+    LLMError,
+    LLMProtocolError,
+    LLMServerError,
+    LLMTimeoutError,
+)
 from voxcore.core.ports.llm import AbstractLLMClient, GenerationResult, Prompt, TokenUsage
 from voxcore.events import emit
 
@@ -74,12 +89,6 @@ def _histograms(meter: metrics.Meter) -> tuple[metrics.Histogram, metrics.Histog
 
 # The API's proxy meter: instruments bind to the real provider once a host installs one.
 _operation_duration, _time_to_first_chunk = _histograms(_meter)
-
-
-@functools.lru_cache(maxsize=64)
-def _response_format(response_model: type[BaseModel]) -> dict[str, Any]:
-    """``response_format`` of a model, built once per model (it is never mutated)."""
-    return json_schema_for(response_model)
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,6 +193,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             "server.port": config.server_port,
         }
         self._last_result: GenerationResult | None = None
+        self._tolerance_logged = False
 
     @property
     def config(self) -> OpenAIConfig:
@@ -243,6 +253,58 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             model=model,
         )
 
+    def _tolerated(self, parser: StructuredStreamParser, model: str) -> None:
+        """Log (once per client at WARNING, then at DEBUG) text around the JSON object that was ignored."""
+        level = logging.DEBUG if self._tolerance_logged else logging.WARNING
+        self._tolerance_logged = True
+        emit(
+            log,
+            "structured_text_ignored",
+            level,
+            model=model,
+            skipped_chars=parser.skipped_chars,
+            trailing_chars=parser.trailing_chars,
+        )
+
+    def _refused(
+        self,
+        status: int,
+        response: httpx.Response,
+        variant: Variant,
+        body: dict[str, Any],
+        messages: list[ConversationMessage],
+        response_model: type[BaseModel],
+    ) -> Variant:
+        """After an error status: the next structured-output variant to try, or the error to raise."""
+        config = self._config
+        model = body["model"]
+        what = f"POST {CHAT_PATH}"
+        error = error_for_status(status, response.content, response.headers, what=what, model=model)
+        if not refuses_response_format(status, response.content):
+            raise error
+        mode = config.structured_output
+        following = next_variant(mode, variant)
+        if following is None:
+            hint = refusal_hint(mode, variant)
+            message = f"{error} [structured_output {variant} refused: {hint}]"
+            if isinstance(error, LLMServerError):
+                raise LLMServerError(message, status=status, transient=False)
+            raise LLMBadRequestError(message)
+        remember(config.base_url, mode, following)
+        emit(
+            log,
+            "structured_output_fallback",
+            logging.WARNING,
+            base_url=config.base_url,
+            refused=variant,
+            now=following,
+            status=status,
+            setting=f"llm.structured_output={mode}",
+            message=provider_message(response.content),
+        )
+        apply_variant(body, messages, following, response_model)
+        return following
+
     # -- streaming --------------------------------------------------------------------------------
 
     async def stream_structured_generate(
@@ -284,8 +346,9 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         }
         if config.stream_usage:
             body["stream_options"] = {"include_usage": True}
-        if config.structured_output == "json_schema":
-            body["response_format"] = _response_format(response_model)
+        mode = config.structured_output
+        variant = first_variant(config.base_url, mode)
+        apply_variant(body, messages, variant, response_model)
         defaults = _metadata_defaults(response_model)
 
         clock = self._clock
@@ -327,6 +390,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                 emit, log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages)
             )
         )
+        gate = gate_for(config.base_url, config.max_concurrent_requests)
+        slot: Slot | None = None
         sent = clock()
         now = loop.time()
         # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
@@ -338,14 +403,23 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         try:
             try:
                 async with asyncio.timeout_at(min(first_token_at, turn_at)) as first_token_deadline:
-                    async with http_client.stream("POST", CHAT_PATH, json=body) as response:
-                        status = response.status_code
-                        reused = connection_reused(response)
-                        if not response.is_success:
+                    if gate is not None:
+                        slot = await gate.acquire_turn()
+                    while True:
+                        response = await http_client.send(
+                            http_client.build_request("POST", CHAT_PATH, json=body), stream=True
+                        )
+                        if response.is_success:
+                            break
+                        try:
                             await response.aread()
-                            raise error_for_status(
-                                status, response.content, response.headers, what=what, model=model
-                            )
+                        finally:
+                            await response.aclose()
+                        status = response.status_code
+                        variant = self._refused(status, response, variant, body, messages, response_model)
+                    status = response.status_code
+                    reused = connection_reused(response)
+                    try:
                         lines = response.aiter_lines()
                         try:
                             async for line in lines:
@@ -480,6 +554,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                             aclose = getattr(lines, "aclose", None)
                             if aclose is not None:
                                 await aclose()
+                    finally:
+                        await response.aclose()
             except TimeoutError as exc:
                 if not completed:
                     if first_at is None and first_token_at <= turn_at:
@@ -509,6 +585,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                 raise LLMProtocolError(
                     f"{what} (model {model}): invalid structured answer{reason_text}: {exc}"
                 ) from exc
+            if parser.has_trailing_text or parser.skipped_chars:
+                self._tolerated(parser, model)
             succeeded = True
         except LLMError as exc:
             error = exc
@@ -520,6 +598,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             error = LLMProtocolError(f"{what} (model {model}): invalid structured answer: {exc}")
             raise error from exc
         finally:
+            if slot is not None:
+                slot.release()
             if error is not None:
                 self._failed(span, error, model=model, status=status, elapsed_s=clock() - sent)
                 span.end()
