@@ -253,6 +253,61 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             model=model,
         )
 
+    async def _read_streamed(
+        self, http_client: httpx.AsyncClient, body: dict[str, Any], model: str
+    ) -> tuple[httpx.Response, dict[str, Any] | None]:
+        """POST a streamed completion and assemble it into the shape of a non-streamed one.
+
+        A stream that ends without a ``finish_reason`` was cut by the server (llama.cpp ends a running
+        stream with ``[DONE]`` when another request arrives): that is an error, never a short text.
+        """
+        what = f"POST {CHAT_PATH}"
+        async with http_client.stream("POST", CHAT_PATH, json=body) as response:
+            if not response.is_success:
+                await response.aread()
+                return response, None
+            parts: list[str] = []
+            finish_reason: object = None
+            usage: object = None
+            name: object = None
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    obj = json.loads(data)
+                except ValueError as exc:
+                    raise LLMProtocolError(
+                        f"{what}: malformed SSE data from the provider: {data[:200]!r}"
+                    ) from exc
+                if not isinstance(obj, dict):
+                    continue
+                name = obj.get("model", name)
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                choice = _first_choice(obj)
+                if choice is None:
+                    continue
+                delta = choice.get("delta")
+                piece = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(piece, str):
+                    parts.append(piece)
+                if choice.get("finish_reason") is not None:
+                    finish_reason = choice["finish_reason"]
+            if finish_reason is None:
+                raise LLMProtocolError(
+                    f"{what} (model {model}): the stream ended without a finish_reason (cut by the server "
+                    f"after {len(parts)} pieces)"
+                )
+        payload = {
+            "model": name,
+            "choices": [{"message": {"content": "".join(parts)}, "finish_reason": finish_reason}],
+            "usage": usage,
+        }
+        return response, payload
+
     def _tolerated(self, parser: StructuredStreamParser, model: str) -> None:
         """Log (once per client at WARNING, then at DEBUG) text around the JSON object that was ignored."""
         level = logging.DEBUG if self._tolerance_logged else logging.WARNING
@@ -656,7 +711,12 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         *,
         max_tokens: int | None = None,
     ) -> str:
-        """A non-streamed completion's text (stripped), e.g. for summaries.
+        """A completion's text (stripped), e.g. for summaries: background work that gives way to turns.
+
+        With ``max_concurrent_requests`` set, the request waits for a slot of the provider's gate while
+        turns hold or want them, is streamed (so that a server such as llama.cpp can stop it between two
+        tokens) and, when a turn needs its slot, is dropped and asked again once the turn is done
+        (event ``background_request_preempted``). Otherwise it is one non-streamed request.
 
         Args:
             http_client: A client whose ``base_url`` is the provider's API root.
@@ -667,6 +727,37 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         Raises:
             LLMError: the same typed errors as :meth:`stream_structured_generate`.
         """
+        gate = gate_for(self._config.base_url, self._config.max_concurrent_requests)
+        if gate is None:
+            return await self._complete(http_client, prompt, model, max_tokens, streamed=False)
+        while True:
+            slot = await gate.acquire_background()
+            request = asyncio.create_task(
+                self._complete(http_client, prompt, model, max_tokens, streamed=True),
+                name="voxcore-llm-background",
+            )
+            assert slot.preempted is not None
+            preempted = asyncio.create_task(slot.preempted.wait(), name="voxcore-llm-preempt-watch")
+            try:
+                await asyncio.wait({request, preempted}, return_when=asyncio.FIRST_COMPLETED)
+                if request.done():
+                    return request.result()
+                emit(log, "background_request_preempted", model=model, base_url=self._config.base_url)
+            finally:
+                for task in (request, preempted):
+                    task.cancel()
+                await asyncio.gather(request, preempted, return_exceptions=True)
+                slot.release()
+
+    async def _complete(
+        self,
+        http_client: httpx.AsyncClient,
+        prompt: Prompt,
+        model: str,
+        max_tokens: int | None,
+        *,
+        streamed: bool,
+    ) -> str:
         config = self._config
         messages = _messages(prompt)
         limit = config.max_output_tokens if max_tokens is None else max_tokens
@@ -691,14 +782,19 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             sent = clock()
             try:
                 try:
-                    response = await http_client.post(CHAT_PATH, json=body)
+                    if streamed:
+                        body["stream"] = True
+                        response, streamed_payload = await self._read_streamed(http_client, body, model)
+                    else:
+                        response = await http_client.post(CHAT_PATH, json=body)
+                        streamed_payload = None
                 except httpx.HTTPError as exc:
                     raise error_for_exception(exc, what=what, base_url=config.base_url) from exc
                 status = response.status_code
                 if not response.is_success:
                     raise error_for_status(status, response.content, response.headers, what=what, model=model)
                 try:
-                    payload = response.json()
+                    payload = response.json() if streamed_payload is None else streamed_payload
                     choice = payload["choices"][0]
                     content = choice["message"]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as exc:
