@@ -168,7 +168,8 @@ async def test_auto_falls_back_from_json_schema_like_on_llama_cpp_and_remembers_
             # One refused request, then JSON mode with the schema in response_format and in the prompt.
             sent = [r.json() for r in sim.requests if r.path == CHAT_PATH]
             assert [b["response_format"]["type"] for b in sent] == ["json_schema", "json_object"]
-            assert sent[1]["response_format"]["schema"]["required"][:3] == ["is_safe", "aggression_score", "answer"]
+            required = sent[1]["response_format"]["schema"]["required"]
+            assert required[:3] == ["is_safe", "aggression_score", "answer"]
             assert "JSON schema" in sent[1]["messages"][-1]["content"]
             (fallback,) = events.named("structured_output_fallback")
             assert fallback["refused"] == "json_schema" and fallback["now"] == "json_object_schema"
@@ -270,7 +271,9 @@ async def test_warmup_never_pings_while_a_turn_streams_and_counts_idle_from_its_
 async def test_warmup_learns_a_server_that_closes_idle_connections_and_keeps_the_next_one_warm() -> None:
     # A uvicorn-like server closing idle keep-alive connections after 1 s; the configured interval is
     # far longer, so the first idle gap loses the connection and the manager learns from it.
-    async with OpenAISimulator(idle_timeout_s=1.0, keep_alive_header=False, one_request_at_a_time=True) as sim:
+    async with OpenAISimulator(
+        idle_timeout_s=1.0, keep_alive_header=False, one_request_at_a_time=True
+    ) as sim:
         config = make_config(sim, warmup_interval_s=20.0)
         manager = OpenAIConnectionManager(config)
         try:

@@ -74,7 +74,7 @@ def test_a_local_server_needs_no_key() -> None:
         ({"warmup_endpoint": ""}, "warmup_endpoint must be a non-empty path"),
         ({"warmup_endpoint": "https://other/models"}, "must be relative to base_url"),
         ({"warmup_model": " "}, "warmup_model must be a non-empty string"),
-        ({"structured_output": "xml"}, "structured_output must be one of auto, json_schema, json_object, instructions"),
+        ({"structured_output": "xml"}, "structured_output must be one of auto, json_schema, json_object"),
         ({"max_output_tokens": 0}, "max_output_tokens must be a positive integer"),
         ({"max_output_tokens": 1.5}, "max_output_tokens must be a positive integer"),
         ({"temperature": 2.5}, "temperature must be within 0..2"),

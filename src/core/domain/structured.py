@@ -137,8 +137,8 @@ class StructuredStreamParser:
     first ``{`` (a markdown fence, a short preamble) are skipped (:attr:`skipped_chars`); whatever
     follows the complete object (a closing fence, a remark) is ignored (:attr:`trailing_chars`).
 
-    The first error is raised from :meth:`feed` as soon as it is detectable (the events of that fragment are lost) and again from every
-    later call.
+    The first error is raised from :meth:`feed` as soon as it is detectable (the events of that
+    fragment are lost) and again from every later call.
 
     Example::
 
