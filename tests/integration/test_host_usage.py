@@ -173,7 +173,7 @@ async def test_host_plays_a_hybrid_reply_through_the_container(
         audio = b"".join([chunk async for chunk in responder.play(hybrid_amount_playlist(12_500))])
         assert audio.endswith(rubles) and len(audio) > len(rubles) + 16_000  # speech before the fragment
         metrics = responder.last_metrics
-        assert metrics is not None and metrics.hits == 1 and metrics.first_audio_ms is not None
+        assert metrics is not None and metrics.hits == 1 and metrics.time_to_first_audio_ms is not None
         await responder.shutdown()  # the synthesized parts are stored before this returns
         again = await container.open_hybrid_responder()
         replay = b"".join([chunk async for chunk in again.play(hybrid_amount_playlist(12_500))])

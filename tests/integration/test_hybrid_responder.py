@@ -95,6 +95,8 @@ def responder_for(
         target_format=PCM24,
         voice=kwargs.pop("voice", VOICE),
         transcripts=transcripts or {},
+        # Byte-exact checks: pieces joined as they are (test_speech_quality checks the joins).
+        join_pause_ms=kwargs.pop("join_pause_ms", None),
         **kwargs,
     )
 
@@ -137,7 +139,7 @@ async def test_order_kept_when_hits_and_misses_interleave(
     assert speech_requests(sim) == 2
     metrics = responder.last_metrics
     assert metrics is not None and (metrics.hits, metrics.misses, metrics.outcome) == (3, 2, "ok")
-    assert metrics.tts_ttfb_ms is not None and metrics.first_audio_ms is not None
+    assert metrics.tts_ttfb_ms is not None and metrics.time_to_first_audio_ms is not None
 
 
 async def test_all_cached_playlist_is_byte_exact_against_the_loaded_fragments(

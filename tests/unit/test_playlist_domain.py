@@ -300,7 +300,7 @@ def test_unit_fragment_key_convention() -> None:
         (21_001, "двадцать одна тысяча один рубль"),
     ],
 )
-def test_hybrid_amount_playlist_is_the_intro_and_the_amount_from_word_fragments(amount: int, words: str) -> None:
+def test_hybrid_amount_playlist_is_intro_and_word_fragments(amount: int, words: str) -> None:
     playlist = hybrid_amount_playlist(amount)
     assert playlist.items == (StaticItem("static:intro"), *say_money(amount).items)
     assert playlist.tts_texts == ()
@@ -404,7 +404,8 @@ def test_normalization_is_idempotent_and_tidy(text: str) -> None:
     assert not re.search(r"[\u00a0\u202f\u2009\u200b\n]", once)
 
 
-@given(st.integers(0, 10**12 - 1))
+# An unformatted run of 11 digits starting with 8 is a phone number (89991234567), not 8x billion.
+@given(st.integers(0, 10**12 - 1).filter(lambda n: not (len(str(n)) == 11 and str(n)[0] == "8")))
 def test_every_grouping_of_an_integer_normalizes_alike(n: int) -> None:
     digits = str(n)
     head = len(digits) % 3 or 3

@@ -132,7 +132,7 @@ def number_words(n: int, gender: Gender = "m") -> str:
     for scale, forms, scale_gender in _SCALES:
         count, rest = divmod(rest, scale)
         if count:
-            words.append(_group(count, scale_gender))  # type: ignore[arg-type]
+            words.append(_group(count, scale_gender))
             words.append(plural_form(count, *forms))
     if rest:
         words.append(_group(rest, gender))

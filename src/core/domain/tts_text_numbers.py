@@ -55,7 +55,12 @@ _PATTERN: Final = re.compile(
     r"|(?<![\w.,:])(?P<int>(?P<i_minus>(?<![\w-])-)?(?P<num>" + _INT + r"))(?![\w]|[.,:][0-9]|-[^\W\d_])",
 )
 _NEXT_WORD: Final = re.compile(r" ([а-яё]+)", re.IGNORECASE)
-_YEAR_CASES: Final = {"год": "nominative", "года": "genitive", "году": "prepositional", "годом": "instrumental"}
+_YEAR_CASES: Final = {
+    "год": "nominative",
+    "года": "genitive",
+    "году": "prepositional",
+    "годом": "instrumental",
+}
 # Nouns counted in the feminine ("одна минута", "две недели") or the neuter ("одно место"): the
 # stems of the common ones after a number in a phone bot's replies. Anything else is masculine.
 _FEMININE_STEMS: Final = (
