@@ -124,13 +124,13 @@ async def test_turn_deadline_ends_a_trickling_stream(sim: OpenAISimulator, http:
 async def test_turn_deadline_passing_while_the_consumer_works_ends_the_turn_at_the_next_wait(
     sim: OpenAISimulator, http: httpx.AsyncClient
 ) -> None:
-    llm = OpenAILLMClient(make_config(sim, turn_timeout_s=0.3))
-    sim.plan_next(RequestPlan(inter_chunk_delay_ms=20, chars_per_chunk=3))
+    llm = OpenAILLMClient(make_config(sim, turn_timeout_s=1.5))
+    sim.plan_next(RequestPlan(inter_chunk_delay_ms=20, chars_per_chunk=60))
     slow_steps = 0
     with pytest.raises(LLMTimeoutError, match="turn_timeout_s"):
         async with asyncio.timeout(WAIT_S):
             async for _chunk in llm.stream_structured_generate(http, "привет", MODEL, LLMStructuredResponse):
-                await asyncio.sleep(0.2)  # the consumer's own work is never cancelled by the deadline
+                await asyncio.sleep(0.8)  # the consumer's own work is never cancelled by the deadline
                 slow_steps += 1
     assert slow_steps >= 1
 
