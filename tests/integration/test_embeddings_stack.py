@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import RedisTarget
 from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
@@ -79,7 +78,9 @@ async def test_dimensions_and_batches(sim: OpenAISimulator) -> None:
         (Fault.SERVICE_UNAVAILABLE, 503, True),
     ],
 )
-async def test_status_errors_are_typed(sim: OpenAISimulator, fault: Fault, status: int, transient: bool) -> None:
+async def test_status_errors_are_typed(
+    sim: OpenAISimulator, fault: Fault, status: int, transient: bool
+) -> None:
     sim.plan_next(plan(fault, retry_after=2.0))
     emb = adapter(sim)
     try:
@@ -198,7 +199,9 @@ async def test_cache_over_redis_one_round_trip_per_batch(
     assert 100 < await raw_redis.ttl(key) <= 120
     # another worker: everything from Redis in one round trip, no provider call
     other_client = CountingClient(raw_redis)
-    other = EmbeddingCache(provider=adapter(sim), store=RedisEmbeddingStore(other_client), key_prefix=key_prefix)
+    other = EmbeddingCache(
+        provider=adapter(sim), store=RedisEmbeddingStore(other_client), key_prefix=key_prefix
+    )
     assert await other.embed(texts) == vectors
     assert other_client.round_trips == 1 and sim.request_count(EMBEDDINGS_PATH) == 1
     assert other.stats().l2_hit_rate == 1.0
@@ -246,3 +249,54 @@ async def test_redis_outage_costs_nothing_but_the_l2(
     finally:
         await cache.aclose()
         await client.aclose()
+
+
+# -- the simulator's endpoint speaks the real contract ---------------------------------------------------
+
+
+async def test_official_openai_client_reads_the_simulator(sim: OpenAISimulator) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=sim.base_url, api_key=sim.api_key or "x", max_retries=0)
+    try:
+        single = await client.embeddings.create(model="text-embedding-3-small", input="привет")
+        assert len(single.data) == 1 and len(single.data[0].embedding) == 1536
+        short = await client.embeddings.create(model="text-embedding-3-small", input=["а", "б"], dimensions=8)
+        assert [len(d.embedding) for d in short.data] == [8, 8] and short.usage.total_tokens >= 2
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": MODEL}, 400, "input"),
+        ({"model": MODEL, "input": []}, 400, "non-empty"),
+        ({"model": MODEL, "input": ["a", ""]}, 400, "input[1]"),
+        ({"model": MODEL, "input": "a", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"model": MODEL, "input": "a", "dimensions": 0}, 400, "dimensions"),
+        ({"input": "a"}, 400, "model"),
+        ({"model": "nope", "input": "a"}, 404, "does not exist"),
+    ],
+)
+async def test_simulator_refuses_bad_requests_like_the_provider(
+    sim: OpenAISimulator, body: dict[str, Any], status: int, message: str
+) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            sim.base_url + "/embeddings", json=body, headers={"Authorization": f"Bearer {sim.api_key}"}
+        )
+    assert response.status_code == status
+    assert message in response.json()["error"]["message"]
+
+
+def test_shipped_config_lists_the_embedding_and_faq_defaults() -> None:
+    from pathlib import Path
+
+    from voxcore.entrypoints.settings import EmbeddingsSettings, FaqSettings, load_settings
+
+    shipped = load_settings(Path(__file__).resolve().parents[2] / "configs" / "config.yml", env={})
+    assert shipped.embeddings == EmbeddingsSettings()
+    assert shipped.faq == FaqSettings()

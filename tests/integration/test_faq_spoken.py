@@ -28,7 +28,9 @@ faq:
 """
 
 
-def write_config(tmp_path: Path, redis_url: str, key_prefix: str, sim: OpenAISimulator, faq: str = "") -> Path:
+def write_config(
+    tmp_path: Path, redis_url: str, key_prefix: str, sim: OpenAISimulator, faq: str = ""
+) -> Path:
     (tmp_path / "faq.yml").write_text(FAQ, encoding="utf-8")
     config = tmp_path / "voxcore.yml"
     config.write_text(
@@ -92,7 +94,9 @@ async def test_known_questions_are_answered_from_recordings_without_the_llm(
                 assert other and metrics is not None and not metrics.faq_hit and metrics.llm is not None
                 assert metrics.faq_score is not None and metrics.faq_score < 0.9
                 assert sim.request_count(CHAT_COMPLETIONS_PATH) == 1
-                prompt = next(r for r in reversed(sim.requests) if r.path == CHAT_COMPLETIONS_PATH).body.decode()
+                prompt = next(
+                    r for r in reversed(sim.requests) if r.path == CHAT_COMPLETIONS_PATH
+                ).body.decode()
                 assert "Мы работаем ежедневно" in prompt
             await call.shutdown()
             cache = await container.embedding_cache()
@@ -149,7 +153,9 @@ def test_faq_settings_are_validated(tmp_path: Path) -> None:
         load_settings(env={"VOXCORE_FAQ__THRESHOLD": "1.5"})
 
 
-async def test_a_broken_manifest_fails_start_up(redis_target: RedisTarget, key_prefix: str, tmp_path: Path) -> None:
+async def test_a_broken_manifest_fails_start_up(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
     async with OpenAISimulator() as sim:
         config = write_config(
             tmp_path, redis_target.url, key_prefix, sim, "faq: {enabled: true, manifest_path: faq.yml}\n"

@@ -118,7 +118,9 @@ def report(outcomes: list[Outcome], threshold: float) -> tuple[int, int, int, li
     return hits, len(paraphrases), len(false), false
 
 
-async def test_recommended_threshold_answers_paraphrases_and_never_a_near_miss(outcomes: list[Outcome]) -> None:
+async def test_recommended_threshold_answers_paraphrases_and_never_a_near_miss(
+    outcomes: list[Outcome],
+) -> None:
     hits, total, false_count, false = report(outcomes, RECOMMENDED)
     table = "\n".join(
         f"{o.match.score:.3f}  expect={o.expect!s:16} closest={o.match.entry.id:16} {o.text}"

@@ -1,4 +1,4 @@
-"""EmbeddingCache with hand-written port fakes: levels, LRU bytes + TTL, single flight, invalid values, metrics."""
+"""EmbeddingCache with port fakes: levels, LRU bytes + TTL, single flight, invalid values, metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from voxcore.application.embedding_cache import EmbeddingCache
 from voxcore.core.domain.embeddings import Embedding, encode_embedding, normalize_text
-from voxcore.core.ports.embeddings import EmbeddingStore, Embeddings
+from voxcore.core.ports.embeddings import Embeddings, EmbeddingStore
 from voxcore.core.ports.errors import EmbeddingError
 from voxcore.events import FIELDS_ATTR
 
@@ -148,7 +148,9 @@ async def test_provider_error_reaches_every_waiter_and_nothing_is_cached() -> No
     assert len(provider.calls) == 2
 
 
-async def test_invalid_stored_value_is_a_logged_miss_then_overwritten(caplog: pytest.LogCaptureFixture) -> None:
+async def test_invalid_stored_value_is_a_logged_miss_then_overwritten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cache, provider, store = make()
     key = cache.key_for("x")
     store.data[key] = encode_embedding(vector_for("another-model", "x"))

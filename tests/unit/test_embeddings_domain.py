@@ -128,11 +128,21 @@ def test_parse_faq_builds_playlists() -> None:
         ({"faq": [{"id": "a", "questions": ["q"], "text": "t", "reply": [{"video": "x"}]}]}, "invalid reply"),
         ({"faq": [{"id": "a", "questions": ["q"], "text": "t", "reply": [{"pause_ms": 0}]}]}, "pause"),
         (
-            {"faq": [{"id": "a", "questions": ["Q"], "text": "t"}, {"id": "a", "questions": ["r"], "text": "t"}]},
+            {
+                "faq": [
+                    {"id": "a", "questions": ["Q"], "text": "t"},
+                    {"id": "a", "questions": ["r"], "text": "t"},
+                ]
+            },
             "used twice",
         ),
         (
-            {"faq": [{"id": "a", "questions": ["Q x"], "text": "t"}, {"id": "b", "questions": ["q  X"], "text": "t"}]},
+            {
+                "faq": [
+                    {"id": "a", "questions": ["Q x"], "text": "t"},
+                    {"id": "b", "questions": ["q  X"], "text": "t"},
+                ]
+            },
             "also belongs",
         ),
     ],
