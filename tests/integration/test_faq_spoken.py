@@ -81,6 +81,7 @@ async def test_known_questions_are_answered_from_recordings_without_the_llm(
 
                 # a playlist reply with pauses; the turn's embedding is asked once, then it is an L1 hit
                 await speak(call, "Сколько стоит доставка?")
+                await call.responder.drain()  # the syntheses are stored in the background
                 embeds = sim.request_count(EMBEDDINGS_PATH)
                 again = await speak(call, "Сколько стоит доставка?")
                 assert sim.request_count(EMBEDDINGS_PATH) == embeds and again
