@@ -35,6 +35,7 @@ from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
+from voxcore.application.calls import CallRegistry
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
 from voxcore.application.embedding_cache import EmbeddingCache
@@ -408,6 +409,16 @@ async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | No
         logging.getLogger("voxcore").removeHandler(handler)
 
 
+@asynccontextmanager
+async def call_registry(opener: Callable[..., Any]) -> AsyncIterator[CallRegistry]:
+    """The container's per-call registry; every call still open is closed at ``shutdown_resources``."""
+    registry = CallRegistry(opener)
+    try:
+        yield registry
+    finally:
+        await registry.aclose()
+
+
 class Container(containers.DeclarativeContainer):
     """voxcore's dependency-injection container.
 
@@ -424,6 +435,8 @@ class Container(containers.DeclarativeContainer):
         open_conversation: ``await container.open_conversation(session_id)`` -> a ready
             ``ConversationManager`` whose connection is already warm; ``await manager.shutdown()``
             closes it.
+        calls: ``await container.calls()`` -> the :class:`~voxcore.application.calls.CallRegistry`
+            (one conversation per call id, a turn lock per call; open calls closed at shutdown).
         audio_converter: PCM format conversion (soxr).
         tts_engines: ``{"openai": ..., "espeak-ng": ...}`` (a resource: ``await container.tts_engines()``).
         voice_service: ``await container.voice_service()`` -> the ``VoiceService`` when
@@ -489,6 +502,7 @@ class Container(containers.DeclarativeContainer):
         connection_factory=connection_manager.provider,
         manager_factory=conversation_manager.provider,
     )
+    calls = providers.Resource(call_registry, open_conversation.provider)
 
     # Speech
     audio_converter = providers.Singleton(SoxrAudioConverter)
