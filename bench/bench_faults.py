@@ -14,7 +14,9 @@ Figures (targets from the issue):
   with ``--also-python``, e.g. ``.venv313/bin/python``);
 * outage logs: a handful of lines for 20 callers during a 5 s outage, every failure counted;
 * hostile files: a FIFO refused at once; an implausible header refused with no allocation; memory
-  near the stored size for the longest accepted file.
+  near the stored size for the longest accepted file;
+* an LLM stream that stalls after three chunks ends at ``llm.timeouts.turn_s`` (baseline: the read
+  timeout, 30 s, that bounded it before).
 
 Usage: ``python bench/bench_faults.py [--write docs/benchmarks.md] [--reliability docs/reliability.md]
 [--also-python .venv313/bin/python]``. ``--only cancel --json`` prints the cancellation figures as JSON
@@ -51,8 +53,11 @@ from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.rate_limit import _GCRA_LUA, RedisRateLimiter
 from voxcore.core.domain.audio import MAX_CHUNKS
+from voxcore.core.ports.errors import LLMError
+from voxcore.entrypoints.container import Container
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
-from voxcore.testing.faults import FaultProxy, cancel_at_random_point
+from voxcore.entrypoints.settings import load_settings
+from voxcore.testing.faults import FaultProxy, HostileSSEServer, SSEScript, cancel_at_random_point
 
 HEADING = "## Faults"
 #: How late a late reply is: past the 100 ms deadline / socket timeout of the trial, but short enough
@@ -393,6 +398,58 @@ async def hostile_files() -> list[Figure]:
     ]
 
 
+# -- LLM stream stalled after three chunks --------------------------------------------------------------
+
+
+async def stalled_turn(turn_s: float) -> list[Figure]:
+    script = SSEScript(
+        steps=[
+            ("chunk", '{"is_safe": true, "aggression_score": 0, "answer": "Раз'),
+            ("chunk", " два"),
+            ("chunk", " три"),
+        ],
+        end="stall",
+    )
+    redis_server = EmbeddedRedis().start()
+    try:
+        async with HostileSSEServer(script=script) as server:
+            settings = load_settings(
+                env={
+                    "OPENAI_BASE_URL": server.base_url,
+                    "OPENAI_API_KEY": "sk-bench",
+                    "REDIS_URL": redis_server.url,
+                    "VOXCORE_LOGGING__CONFIGURE": "false",
+                    "VOXCORE_LLM__TIMEOUTS__TURN_S": str(turn_s),
+                }
+            )
+            container = Container(settings=settings)
+            await container.init_resources()
+            try:
+                manager = await container.open_conversation("bench-stall")
+                started = time.perf_counter()
+                try:
+                    async for _ in manager.process_user_turn("Считайте"):
+                        pass
+                except LLMError:
+                    pass
+                elapsed_s = time.perf_counter() - started
+                await manager.shutdown()
+            finally:
+                await container.shutdown_resources()
+    finally:
+        redis_server.close()
+    read_s = settings.llm.timeouts.read_s
+    return [
+        Figure(
+            f"LLM stream stalled after 3 chunks: turn ends (turn_s={turn_s:g})",
+            elapsed_s,
+            "s",
+            turn_s + 0.5,
+            read_s,
+        )
+    ]
+
+
 # -- report ------------------------------------------------------------------------------------------------
 
 
@@ -428,6 +485,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
     figures += cancellation_figures([*cancel, *args.other_pythons])
     figures += await outage_logs(args.outage_s)
     figures += await hostile_files()
+    figures += await stalled_turn(args.turn_s)
     return figures
 
 
@@ -444,6 +502,9 @@ def main() -> int:
         "--trials-cancel", type=int, default=1000, help="cancellations that land on a running call"
     )
     parser.add_argument("--outage-s", type=float, default=5.0)
+    parser.add_argument(
+        "--turn-s", type=float, default=2.0, help="llm.timeouts.turn_s for the stalled stream"
+    )
     args = parser.parse_args()
     logging.getLogger("voxcore").addHandler(logging.NullHandler())  # only the figures on stdout
     logging.getLogger("voxcore").propagate = False

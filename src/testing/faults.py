@@ -174,6 +174,7 @@ class HostileSSEServer:
     requests: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -191,10 +192,12 @@ class HostileSSEServer:
         """Close everything, stalled streams included."""
         if self._server is not None:
             self._server.close()
+        for writer in list(self._writers):
+            writer.close()  # a stalled stream sees EOF and ends by itself
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._server = None
 
     async def __aenter__(self) -> HostileSSEServer:
@@ -209,6 +212,7 @@ class HostileSSEServer:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        self._writers.add(writer)
         try:
             while True:
                 request_line = await reader.readline()
@@ -229,7 +233,7 @@ class HostileSSEServer:
                     continue
                 if method == "POST" and path.endswith("/chat/completions"):
                     self.requests += 1
-                    await self._stream(writer)
+                    await self._stream(reader, writer)
                     return
                 writer.write(_response(404, "application/json", b'{"error": {"message": "not found"}}'))
                 await writer.drain()
@@ -237,10 +241,11 @@ class HostileSSEServer:
             return
         finally:
             writer.close()
+            self._writers.discard(writer)
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             b"connection: close\r\n\r\n"
@@ -264,7 +269,8 @@ class HostileSSEServer:
             writer.write(b"data: [DONE]\n\n")
             await writer.drain()
         elif self.script.end == "stall":
-            await asyncio.Event().wait()  # until stop() cancels it
+            while await reader.read(65536):  # silent until the client (or stop()) closes the connection
+                pass
 
 
 def _response(status: int, content_type: str, body: bytes) -> bytes:
