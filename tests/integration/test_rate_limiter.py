@@ -133,7 +133,10 @@ async def test_exact_across_clients_sharing_one_server(
     redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
     clients = [redis.Redis.from_url(redis_target.url) for _ in range(2)]
-    limiters = [RedisRateLimiter(c, limit=10, period_s=60, key_prefix=key_prefix) for c in clients]
+    # a generous deadline: this test is about exactness, not about a slow Redis (then the policy answers)
+    limiters = [
+        RedisRateLimiter(c, limit=10, period_s=60, key_prefix=key_prefix, op_timeout_s=10) for c in clients
+    ]
     try:
         decisions = await asyncio.gather(*(limiters[i % 2].acquire("shared") for i in range(100)))
         assert sum(d.allowed for d in decisions) == 10
