@@ -24,9 +24,10 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from voxcore.core.domain.secrets import mask_url
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis, redis_server_available
 
 RedisKind = Literal["container", "redis-server", "env"]
@@ -45,10 +46,16 @@ class RedisUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """The session's Redis: its URL and where it came from (``container``, ``redis-server``, ``env``)."""
+    """The session's Redis: its URL and where it came from (``container``, ``redis-server``, ``env``).
 
-    url: str
+    The URL may hold a password (a private redis-server always has one): ``repr()`` masks it.
+    """
+
+    url: str = field(repr=False)
     kind: RedisKind
+
+    def __repr__(self) -> str:
+        return f"RedisTarget(url={mask_url(self.url)!r}, kind={self.kind!r})"
 
 
 def container_engine_host() -> str | None:
