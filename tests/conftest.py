@@ -4,6 +4,11 @@ Redis comes from, in order: ``REDIS_URL`` (used as is; tests only touch keys und
 random prefix and delete them afterwards), a testcontainers ``redis`` container when a Docker
 engine answers, or a ``redis-server`` child process on a free 127.0.0.1 port (no persistence).
 Never fakeredis, never a mocked client.
+
+Tests marked ``all_redis_modes`` also run against a Redis Cluster (3 primaries + 3 replicas) and a
+Sentinel-managed primary (1 replica, 3 Sentinels) of real ``redis-server`` processes when asked:
+``pytest --redis-modes=standalone,cluster,sentinel`` (``make test-cluster``). Their ``redis_target``
+then carries the mode, and ``redis_target.config()`` builds the matching ``RedisConfig``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -21,6 +26,9 @@ import redis.asyncio as redis
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis, redis_server_available
+from voxcore.testing.topologies import LocalRedisCluster, LocalRedisSentinel
+
+REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,99 @@ class RedisTarget:
     """Where the session's Redis is and how it was provided."""
 
     url: str
-    kind: str  # "env", "testcontainers" or "redis-server"
+    kind: str  # "env", "testcontainers", "redis-server", "cluster" or "sentinel"
+    mode: str = "standalone"
+    nodes: tuple[str, ...] = ()
+    sentinels: tuple[str, ...] = ()
+    service: str = ""
+    topology: Any = field(default=None, compare=False, repr=False)
+
+    def config(self, **overrides: Any) -> RedisConfig:
+        """A ``RedisConfig`` for this target (``overrides``: any other RedisConfig field)."""
+        if self.mode == "cluster":
+            return RedisConfig(mode="cluster", nodes=self.nodes, **overrides)
+        if self.mode == "sentinel":
+            return RedisConfig(
+                mode="sentinel", sentinels=self.sentinels, sentinel_service=self.service, **overrides
+            )
+        return RedisConfig(url=self.url, **overrides)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point ``load_settings`` at this target."""
+        variables = {"REDIS_URL": self.url, "VOXCORE_REDIS__MODE": self.mode}
+        if self.mode == "cluster":
+            variables["VOXCORE_REDIS__NODES"] = ",".join(self.nodes)
+        if self.mode == "sentinel":
+            variables["VOXCORE_REDIS__SENTINELS"] = ",".join(self.sentinels)
+            variables["VOXCORE_REDIS__SENTINEL_SERVICE"] = self.service
+        return variables
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-modes",
+        default=os.environ.get("VOXCORE_TEST_REDIS_MODES", "standalone"),
+        help="comma-separated Redis deployments the all_redis_modes tests run against: "
+        "standalone, cluster, sentinel (default: standalone)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "all_redis_modes: run against every Redis deployment given by --redis-modes"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_target" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("all_redis_modes") is None:
+        return
+    modes = [m.strip() for m in str(metafunc.config.getoption("--redis-modes")).split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(REDIS_MODES))
+    if unknown:
+        raise pytest.UsageError(f"--redis-modes: unknown {', '.join(unknown)} (use {', '.join(REDIS_MODES)})")
+    if modes != ["standalone"]:
+        metafunc.parametrize("redis_mode", modes, scope="session")
+
+
+@pytest.fixture(scope="session")
+def redis_mode() -> str:
+    """The deployment of ``redis_target`` (parametrized for ``all_redis_modes`` tests)."""
+    return "standalone"
+
+
+@pytest.fixture(scope="session")
+def redis_target(request: pytest.FixtureRequest, redis_mode: str) -> RedisTarget:
+    """The session's real Redis of the requested deployment."""
+    target: RedisTarget = request.getfixturevalue(f"{redis_mode}_redis_target")
+    return target
+
+
+@pytest.fixture(scope="session")
+def cluster_redis_target() -> Iterator[RedisTarget]:
+    """A 3-primary/3-replica Redis Cluster of real redis-server processes (started on first use)."""
+    if not redis_server_available():
+        pytest.fail("cluster tests need redis-server (.ci/run installs it)")
+    with LocalRedisCluster() as cluster:
+        nodes = cluster.startup_nodes
+        yield RedisTarget(f"redis://{nodes[0]}/0", "cluster", "cluster", nodes=nodes, topology=cluster)
+
+
+@pytest.fixture(scope="session")
+def sentinel_redis_target() -> Iterator[RedisTarget]:
+    """A primary + replica watched by 3 Sentinels, real redis-server processes (started on first use)."""
+    if not redis_server_available():
+        pytest.fail("sentinel tests need redis-server (.ci/run installs it)")
+    with LocalRedisSentinel() as topology:
+        yield RedisTarget(
+            f"redis://{topology.primary_address()}/0",
+            "sentinel",
+            "sentinel",
+            sentinels=topology.sentinel_addresses,
+            service=topology.service,
+            topology=topology,
+        )
 
 
 def _docker_engine_answers() -> bool:
@@ -53,8 +153,8 @@ def _docker_engine_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_target() -> Iterator[RedisTarget]:
-    """The session's real Redis server."""
+def standalone_redis_target() -> Iterator[RedisTarget]:
+    """The session's real single Redis server."""
     url = os.environ.get("REDIS_URL")
     if url:
         yield RedisTarget(url, "env")
@@ -81,14 +181,17 @@ def key_prefix() -> str:
 
 @pytest.fixture
 async def raw_redis(redis_target: RedisTarget, key_prefix: str) -> AsyncIterator[redis.Redis]:
-    """A plain redis.asyncio client on the session server; removes the test's keys afterwards."""
-    client = redis.Redis.from_url(redis_target.url)
+    """A plain redis.asyncio client on the session server; removes the test's keys afterwards.
+
+    (A ``RedisCluster`` in cluster mode: SCAN then covers every primary.)
+    """
+    client: Any = redis_target.config().build()
     try:
         yield client
     finally:
         keys = [k async for k in client.scan_iter(match=f"{key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
+        for key in keys:  # one by one: in a cluster the keys live in different slots
+            await client.delete(key)
         await client.aclose()
 
 
@@ -97,9 +200,7 @@ async def cache(
     redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
 ) -> AsyncIterator[RedisCacheManager]:
     """A connected ``RedisCacheManager`` whose keys live under the test's prefix."""
-    manager = RedisCacheManager(
-        RedisConfig(url=redis_target.url), key_prefix=key_prefix, tts_ttl_seconds=3600
-    )
+    manager = RedisCacheManager(redis_target.config(), key_prefix=key_prefix, tts_ttl_seconds=3600)
     await manager.connect()
     try:
         yield manager

@@ -67,6 +67,11 @@ def redis_config_from(settings: Settings) -> RedisConfig:
         pool_timeout=r.pool_timeout,
         retries=r.retries,
         health_check_interval=r.health_check_interval,
+        mode=r.mode,
+        nodes=tuple(r.nodes),
+        sentinels=tuple(r.sentinels),
+        sentinel_service=r.sentinel_service,
+        sentinel_password=r.sentinel_password.get_secret_value() if r.sentinel_password else None,
     )
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -58,11 +59,42 @@ class RedisSettings(BaseModel):
     pool_timeout: PositiveFloat = 1.0
     retries: int = Field(default=1, ge=0, le=10)
     health_check_interval: int = Field(default=30, ge=0)
+    # Deployment: one server, a Redis Cluster (startup `nodes`), or a Sentinel-managed primary.
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    nodes: list[str] = Field(default_factory=list)  # cluster startup nodes, "host:port"
+    sentinels: list[str] = Field(default_factory=list)  # "host:port" of the Sentinels
+    sentinel_service: str = Field(default="mymaster", min_length=1)
+    sentinel_password: SecretStr | None = None  # of the Sentinels themselves
+
+    @field_validator("nodes", "sentinels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``"h1:7000,h2:7000"`` (how an environment variable carries a list) -> a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("nodes", "sentinels")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port', got {address!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("mode sentinel needs `sentinels` (a list of host:port)")
+        if self.mode == "cluster" and self.db != 0:
+            raise ValueError("Redis Cluster has only database 0: `db` must be 0 in cluster mode")
+        return self
 
     @property
     def explicitly_located(self) -> bool:
         """True when a source set where Redis is (so tools must not pick a server themselves)."""
-        return bool(self.model_fields_set & {"url", "host", "port"})
+        return bool(self.model_fields_set & {"url", "host", "port", "nodes", "sentinels"})
 
 
 class CacheSettings(BaseModel):
