@@ -292,6 +292,15 @@ class LocalRedisCluster:
         }
         return [node for node in self.nodes if node.port in ports and node.running]
 
+    def manual_failover(self, replica: RedisNode) -> None:
+        """``CLUSTER FAILOVER`` on ``replica``: it takes over its primary's slots, the primary stays
+        up as its replica (clients still pointed at it get ``MOVED``)."""
+        client = replica.client()
+        try:
+            _command(client, "CLUSTER", "FAILOVER")
+        finally:
+            client.close()
+
     def role_of(self, node: RedisNode) -> str:
         """``master`` or ``slave`` as the node itself reports it."""
         client = node.client()
@@ -470,6 +479,22 @@ class LocalRedisSentinel:
             finally:
                 client.close()
         raise TopologyError("no Sentinel answers")
+
+    def manual_failover(self) -> None:
+        """``SENTINEL FAILOVER``: a replica is promoted, the old primary stays up as a replica
+        (a connection still pointed at it gets ``READONLY`` on a write)."""
+        for node in self.sentinel_nodes:
+            if not node.running:
+                continue
+            client = node.client()
+            try:
+                _command(client, "SENTINEL", "FAILOVER", self.service)
+                return
+            except (redis.RedisError, OSError):
+                continue
+            finally:
+                client.close()
+        raise TopologyError("no Sentinel accepted SENTINEL FAILOVER")
 
     def wait_failover(self, old_primary: RedisNode, timeout: float = 30.0) -> RedisNode:
         """Wait until the Sentinels report another primary and it accepts writes; return it."""

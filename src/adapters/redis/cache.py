@@ -72,6 +72,31 @@ if starts_with_head(KEYS[2]) then return {2, redis.call('LRANGE', KEYS[2], n, -1
 return {0, {}}
 """
 _READ_REST_SHA: Final = hashlib.sha1(_READ_REST_LUA.encode()).hexdigest()
+# The write transaction of a fragment as one script, for Redis Cluster: redis-py's asyncio cluster
+# pipeline runs every queued command of a MULTI in a thread with an event loop of its own (and
+# re-reads the slot map from there after a failover), so in cluster mode the three keys of a
+# fragment (one hash slot) are written by this script instead - atomic in the same way.
+# KEYS: fragment, meta, prev. ARGV: prev grace (ms), TTL (ms, '' for none), the number N of meta
+# hash arguments, N field/value arguments, then the chunks (RPUSHed in slices: Lua's unpack() has a
+# stack limit of a few thousand values).
+_WRITE_LUA: Final = """
+redis.pcall('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+local nmeta = tonumber(ARGV[3])
+local first, last = 4 + nmeta, #ARGV
+if last < first then return 0 end
+for i = first, last, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, last)))
+end
+if nmeta > 0 then redis.call('HSET', KEYS[2], unpack(ARGV, 4, 3 + nmeta)) end
+if ARGV[2] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if nmeta > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+end
+return last - first + 1
+"""
+_WRITE_SHA: Final = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
 
 
 class _Failed:
@@ -431,13 +456,28 @@ class RedisCacheManager(AbstractAudioCache):
                         pipe.pexpire(meta, ttl_ms)
             return await pipe.execute(raise_on_error=False)
 
-        replies = await self._run(op, key, transaction)
-        if isinstance(replies, _Failed):
-            return False
-        errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
-        if errors:
-            self._log_error(op, key, errors[0])
-            return False
+        if self._config.mode == "cluster":
+            meta_args: list[Any] = []
+            if audio_format is not None and audio_chunks:
+                fields = {**audio_format.to_fields(), "chunks": str(len(audio_chunks))}
+                meta_args = [part for item in fields.items() for part in item]
+            args = (self._prev_grace_ms, "" if ttl_ms is None else ttl_ms, len(meta_args), *meta_args)
+            written = await self._run(
+                op,
+                key,
+                lambda r: r.evalsha(_WRITE_SHA, 3, full, meta, prev, *args, *audio_chunks),
+                script=_WRITE_LUA,
+            )
+            if isinstance(written, _Failed):
+                return False
+        else:
+            replies = await self._run(op, key, transaction)
+            if isinstance(replies, _Failed):
+                return False
+            errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
+            if errors:
+                self._log_error(op, key, errors[0])
+                return False
         emit(
             log,
             "set_audio_chunks_ok",
@@ -468,11 +508,12 @@ class RedisCacheManager(AbstractAudioCache):
             pipe.lrange(full, n, -1)
             return await pipe.execute()
 
-        fast = await self._run("open_audio_stream", key, snapshot)
-        if isinstance(fast, _Failed):
-            return None
-        if fast[0] == head:
-            return 1, fast[1]
+        if self._config.mode != "cluster":  # cluster: no MULTI (see _WRITE_LUA), the script below
+            fast = await self._run("open_audio_stream", key, snapshot)
+            if isinstance(fast, _Failed):
+                return None
+            if fast[0] == head:
+                return 1, fast[1]
         result = await self._run(
             "open_audio_stream",
             key,
