@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo test test-py313 lint typecheck unit integration bench clean
+.PHONY: install demo test test-py313 test-cluster lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 test-py313: $(VENV313)/.voxcore-installed
 	$(VENV313)/bin/python -m pytest -q
 
+# Redis Cluster (3 primaries + 3 replicas) and Sentinel (primary, replica, 3 Sentinels) of real
+# redis-server processes: the cache, rate limiter and summary tests in those modes, and the failover
+# drills (a primary killed or switched over under load).
+test-cluster: install
+	$(BIN)/python -m pytest -q --redis-modes=cluster,sentinel -k "cluster or sentinel" tests/integration
+
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -55,6 +61,7 @@ bench: install
 	$(BIN)/python bench/bench_cache.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_rate_limit.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

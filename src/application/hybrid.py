@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Status, StatusCode
 
+from voxcore.application.shared_synthesis import SharedSynthesis, SynthesisClaim
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.hybrid import (
@@ -76,6 +77,7 @@ class _Synthesis:
 
     __slots__ = (
         "_changed",
+        "claim",
         "consumers",
         "error",
         "finished",
@@ -99,6 +101,7 @@ class _Synthesis:
         self.settled = asyncio.Event()  # finished or failed
         self.consumers = 0
         self.task: asyncio.Task[None] | None = None
+        self.claim: SynthesisClaim | None = None  # the cross-worker lease (SharedSynthesis)
         self._changed = asyncio.Event()
 
     def add(self, piece: bytes) -> None:
@@ -303,6 +306,7 @@ class HybridResponder:
         sentence_min_chars: int = 10,
         sentence_max_chars: int = 200,
         speculative_first_tts: bool = True,
+        shared_synthesis: SharedSynthesis | None = None,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
@@ -333,6 +337,7 @@ class HybridResponder:
         self._sentence_min = sentence_min_chars
         self._sentence_max = sentence_max_chars
         self._speculative = speculative_first_tts
+        self._shared = shared_synthesis
         self._clock = clock
         self._tracer = tracer if tracer is not None else _tracer
         self._first_audio = _first_audio_histogram(meter if meter is not None else _meter)
@@ -844,6 +849,12 @@ class HybridResponder:
         token = otel_context.attach(trace.set_span_in_context(parent))
         stream: AsyncIterator[bytes] | None = None
         try:
+            if self._shared is not None:
+                # Another worker may be synthesizing this key right now: wait for its audio.
+                synthesis.claim = await self._shared.claim(synthesis.key)
+                if synthesis.claim.stream is not None:
+                    await self._take_cached(synthesis, synthesis.claim.stream)
+                    return
             stream = self._tts.stream_speech(request)
             async for piece in stream:
                 if not piece:
@@ -878,12 +889,38 @@ class HybridResponder:
             self._schedule_fill(synthesis, chunks, parent)
             synthesis.finish()
         finally:
-            if not synthesis.finished and self._inflight.get(synthesis.key) is synthesis:
-                del self._inflight[synthesis.key]
+            if not synthesis.finished:
+                if self._inflight.get(synthesis.key) is synthesis:
+                    del self._inflight[synthesis.key]
+                self._release_lease(synthesis)  # failed or abandoned: another worker may take over
             try:
                 await _aclose(stream)
             finally:
                 otel_context.detach(token)
+
+    async def _take_cached(self, synthesis: _Synthesis, stream: AudioChunkStream) -> None:
+        """Feed the synthesis from another worker's cached audio (no engine call, no cache write)."""
+        try:
+            async for chunk in stream:
+                synthesis.add(chunk)
+                await asyncio.sleep(0)
+        finally:
+            await stream.aclose()
+        if not synthesis.pieces:
+            raise TTSError("the cached audio of another worker's synthesis was empty")
+        _remember_key(self._present, synthesis.key)
+        synthesis.finish()
+        if self._inflight.get(synthesis.key) is synthesis:
+            del self._inflight[synthesis.key]
+
+    def _release_lease(self, synthesis: _Synthesis) -> None:
+        """Free the synthesis's cross-worker lease in the background (once)."""
+        claim, synthesis.claim = synthesis.claim, None
+        if self._shared is None or claim is None or claim.lease is None or not claim.lease.acquired:
+            return
+        task = asyncio.create_task(self._shared.release(claim), name="voxcore-hybrid-lease-release")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _synthesis_done(self, task: asyncio.Task[None]) -> None:
         self._syntheses.discard(task)
@@ -923,6 +960,7 @@ class HybridResponder:
             emit(logger, "tts_cache_fill_skipped", logging.WARNING, key=synthesis.key, reason=reason)
             if self._inflight.get(synthesis.key) is synthesis:
                 del self._inflight[synthesis.key]
+            self._release_lease(synthesis)
             return
         task = asyncio.create_task(self._fill(synthesis, chunks, parent), name="voxcore-hybrid-cache-fill")
         self._writes.add(task)
@@ -975,6 +1013,7 @@ class HybridResponder:
             span.end()
             if self._inflight.get(synthesis.key) is synthesis:
                 del self._inflight[synthesis.key]
+            self._release_lease(synthesis)  # the audio is in the cache (or will not be): let others go
 
     def _write_done(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)

@@ -32,11 +32,13 @@ from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.lease import RedisKeyLeases
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
 from voxcore.application.hybrid import HybridResponder
 from voxcore.application.manager import ConversationManager
+from voxcore.application.shared_synthesis import SharedSynthesis
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
@@ -228,8 +230,27 @@ async def voice_service(
         await limiter.aclose()
 
 
+def shared_synthesis(settings: Settings, cache: RedisCacheManager, client: Any) -> SharedSynthesis | None:
+    """Cross-worker single flight of TTS misses (``voice.hybrid.synthesis_lease``), or ``None``."""
+    lease = settings.voice.hybrid.synthesis_lease
+    if not lease.enabled:
+        return None
+    return SharedSynthesis(
+        cache=cache,
+        leases=RedisKeyLeases(client, key_prefix=settings.cache.key_prefix),
+        lease_ttl_s=lease.ttl_s,
+        wait_timeout_s=lease.wait_s,
+        poll_interval_s=lease.poll_ms / 1000,
+    )
+
+
 async def open_hybrid_responder(
-    *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
+    *,
+    settings: Settings,
+    cache: RedisCacheManager,
+    engines: Any,
+    converter: SoxrAudioConverter,
+    redis: Any = None,
 ) -> HybridResponder:
     """A responder speaking with ``voice.hybrid.agent``'s voice (or the default agent's).
 
@@ -253,6 +274,7 @@ async def open_hybrid_responder(
             path = Path(settings.base_dir) / path
         transcripts = {spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript}
     voice = agent_voice(agent)
+    client = await redis if inspect.isawaitable(redis) else redis
     return HybridResponder(
         cache=cache,
         tts=tts,
@@ -265,6 +287,7 @@ async def open_hybrid_responder(
         max_background_writes=v.hybrid.max_background_writes,
         speed=voice.speed,
         speculative_first_tts=v.hybrid.speculative_first_tts,
+        shared_synthesis=shared_synthesis(settings, cache, client) if client is not None else None,
     )
 
 
@@ -402,4 +425,5 @@ class Container(containers.DeclarativeContainer):
         cache=cache,
         engines=tts_engines,
         converter=audio_converter,
+        redis=redis_client,
     )

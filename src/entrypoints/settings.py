@@ -250,6 +250,17 @@ class EspeakSettings(BaseModel):
     max_chars: PositiveInt = 1000
 
 
+class SynthesisLeaseSettings(BaseModel):
+    """Cross-worker single flight of TTS: a short Redis lease per ``tts:*`` key (docs/scale-out.md)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_s: PositiveFloat = 15.0  # longer than a synthesis + its cache write; a dead holder frees it then
+    wait_s: float = Field(default=5.0, ge=0.0)  # longest wait for another worker's audio
+    poll_ms: PositiveFloat = 50.0  # how often a waiting worker looks at the cache
+
+
 class HybridSettings(BaseModel):
     """Hybrid replies (recorded fragments + TTS): whose voice, and the fragments' transcripts."""
 
@@ -260,6 +271,7 @@ class HybridSettings(BaseModel):
     prefetch: int = Field(default=4, ge=1, le=64)
     max_background_writes: int = Field(default=8, ge=1, le=256)
     speculative_first_tts: bool = True
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class VoiceSettings(BaseModel):
