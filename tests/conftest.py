@@ -1,67 +1,38 @@
-"""Shared fixtures: a real Redis for the whole session, and per-test caches with their own key space.
+"""The project's own fixtures, built on the ``voxcore.testing`` pytest plugin's.
 
-Redis comes from, in order: ``REDIS_URL`` (used as is; tests only touch keys under their own
-random prefix and delete them afterwards), a testcontainers ``redis`` container when a Docker
-engine answers, or a ``redis-server`` child process on a free 127.0.0.1 port (no persistence).
-Never fakeredis, never a mocked client.
+The plugin (installed with voxcore, entry point ``pytest11``) provides ``voxcore_redis`` (a real
+Redis for the session: a container when a container engine answers, else a local ``redis-server``
+on a free port, else ``REDIS_URL``), ``voxcore_simulator`` and ``voxcore_container``. Here: per-test
+key spaces on that server and a private server for outage tests. Never fakeredis, never a mocked
+client.
 
 Tests marked ``all_redis_modes`` also run against a Redis Cluster (3 primaries + 3 replicas) and a
 Sentinel-managed primary (1 replica, 3 Sentinels) of real ``redis-server`` processes when asked:
 ``pytest --redis-modes=standalone,cluster,sentinel`` (``make test-cluster``). Their ``redis_target``
-then carries the mode, and ``redis_target.config()`` builds the matching ``RedisConfig``.
+then carries the mode, and ``redis_target.config()`` builds the matching ``RedisConfig``
+(``voxcore.testing.topologies``).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
 
 from voxcore.adapters.redis.cache import RedisCacheManager
-from voxcore.adapters.redis.config import RedisConfig
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis, redis_server_available
-from voxcore.testing.topologies import LocalRedisCluster, LocalRedisSentinel
+from voxcore.testing import RedisTarget as PluginRedisTarget
+from voxcore.testing.topologies import LocalRedisCluster, LocalRedisSentinel, RedisDeployment
+
+#: What ``redis_target`` is: the session's Redis in the test's mode (tests import it from here).
+RedisTarget = RedisDeployment
+__all__ = ["RedisTarget"]
 
 REDIS_MODES = ("standalone", "cluster", "sentinel")
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where the session's Redis is and how it was provided."""
-
-    url: str
-    kind: str  # "env", "testcontainers", "redis-server", "cluster" or "sentinel"
-    mode: str = "standalone"
-    nodes: tuple[str, ...] = ()
-    sentinels: tuple[str, ...] = ()
-    service: str = ""
-    topology: Any = field(default=None, compare=False, repr=False)
-
-    def config(self, **overrides: Any) -> RedisConfig:
-        """A ``RedisConfig`` for this target (``overrides``: any other RedisConfig field)."""
-        if self.mode == "cluster":
-            return RedisConfig(mode="cluster", nodes=self.nodes, **overrides)
-        if self.mode == "sentinel":
-            return RedisConfig(
-                mode="sentinel", sentinels=self.sentinels, sentinel_service=self.service, **overrides
-            )
-        return RedisConfig(url=self.url, **overrides)
-
-    def env(self) -> dict[str, str]:
-        """Environment variables that point ``load_settings`` at this target."""
-        variables = {"REDIS_URL": self.url, "VOXCORE_REDIS__MODE": self.mode}
-        if self.mode == "cluster":
-            variables["VOXCORE_REDIS__NODES"] = ",".join(self.nodes)
-        if self.mode == "sentinel":
-            variables["VOXCORE_REDIS__SENTINELS"] = ",".join(self.sentinels)
-            variables["VOXCORE_REDIS__SENTINEL_SERVICE"] = self.service
-        return variables
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -99,78 +70,34 @@ def redis_mode() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_target(request: pytest.FixtureRequest, redis_mode: str) -> RedisTarget:
-    """The session's real Redis of the requested deployment."""
-    target: RedisTarget = request.getfixturevalue(f"{redis_mode}_redis_target")
+def redis_target(request: pytest.FixtureRequest, redis_mode: str) -> RedisDeployment:
+    """The session's real Redis in the requested deployment."""
+    target: RedisDeployment = request.getfixturevalue(f"{redis_mode}_redis_target")
     return target
 
 
 @pytest.fixture(scope="session")
-def cluster_redis_target() -> Iterator[RedisTarget]:
+def standalone_redis_target(voxcore_redis: PluginRedisTarget) -> RedisDeployment:
+    """The plugin's ``voxcore_redis`` (one server)."""
+    return RedisDeployment(voxcore_redis.url, voxcore_redis.kind)
+
+
+@pytest.fixture(scope="session")
+def cluster_redis_target() -> Iterator[RedisDeployment]:
     """A 3-primary/3-replica Redis Cluster of real redis-server processes (started on first use)."""
     if not redis_server_available():
         pytest.fail("cluster tests need redis-server (.ci/run installs it)")
     with LocalRedisCluster() as cluster:
-        nodes = cluster.startup_nodes
-        yield RedisTarget(f"redis://{nodes[0]}/0", "cluster", "cluster", nodes=nodes, topology=cluster)
+        yield RedisDeployment.of_cluster(cluster)
 
 
 @pytest.fixture(scope="session")
-def sentinel_redis_target() -> Iterator[RedisTarget]:
+def sentinel_redis_target() -> Iterator[RedisDeployment]:
     """A primary + replica watched by 3 Sentinels, real redis-server processes (started on first use)."""
     if not redis_server_available():
         pytest.fail("sentinel tests need redis-server (.ci/run installs it)")
     with LocalRedisSentinel() as topology:
-        yield RedisTarget(
-            f"redis://{topology.primary_address()}/0",
-            "sentinel",
-            "sentinel",
-            sentinels=topology.sentinel_addresses,
-            service=topology.service,
-            topology=topology,
-        )
-
-
-def _docker_engine_answers() -> bool:
-    """True if a Docker engine answers ``GET /_ping`` (unix socket or tcp DOCKER_HOST), in <= 2 s."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    try:
-        if host.startswith("unix://"):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: Any = host[len("unix://") :]
-        elif host.startswith("tcp://"):
-            name, _, port = host[len("tcp://") :].rpartition(":")
-            sock, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), (name, int(port))
-        else:
-            return False
-        with sock:
-            sock.settimeout(2)
-            sock.connect(address)
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in sock.recv(256)
-    except (OSError, ValueError):
-        return False
-
-
-@pytest.fixture(scope="session")
-def standalone_redis_target() -> Iterator[RedisTarget]:
-    """The session's real single Redis server."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield RedisTarget(url, "env")
-        return
-    if _docker_engine_answers():
-        from testcontainers.redis import RedisContainer
-
-        with RedisContainer("redis:7-alpine") as container:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(6379)
-            yield RedisTarget(f"redis://{host}:{port}/0", "testcontainers")
-        return
-    if not redis_server_available():
-        pytest.fail("no Redis for tests: set REDIS_URL, start a Docker engine, or install redis-server")
-    with EmbeddedRedis() as server:
-        yield RedisTarget(server.url, "redis-server")
+        yield RedisDeployment.of_sentinel(topology)
 
 
 @pytest.fixture
@@ -180,7 +107,7 @@ def key_prefix() -> str:
 
 
 @pytest.fixture
-async def raw_redis(redis_target: RedisTarget, key_prefix: str) -> AsyncIterator[redis.Redis]:
+async def raw_redis(redis_target: RedisDeployment, key_prefix: str) -> AsyncIterator[redis.Redis]:
     """A plain redis.asyncio client on the session server; removes the test's keys afterwards.
 
     (A ``RedisCluster`` in cluster mode: SCAN then covers every primary.)
@@ -197,7 +124,7 @@ async def raw_redis(redis_target: RedisTarget, key_prefix: str) -> AsyncIterator
 
 @pytest.fixture
 async def cache(
-    redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
+    redis_target: RedisDeployment, key_prefix: str, raw_redis: redis.Redis
 ) -> AsyncIterator[RedisCacheManager]:
     """A connected ``RedisCacheManager`` whose keys live under the test's prefix."""
     manager = RedisCacheManager(redis_target.config(), key_prefix=key_prefix, tts_ttl_seconds=3600)

@@ -10,6 +10,9 @@ Both are context managers, keep their files in a temporary folder, bind 127.0.0.
 persist, and let a test kill a node (SIGKILL, like a crashed machine) to exercise a failover with
 short, test-friendly timeouts (``node_timeout_ms``/``down_after_ms``). They never touch a Redis
 already running on the machine.
+
+:class:`RedisDeployment` describes where a test's Redis is in any of the three modes and builds the
+matching ``RedisConfig`` (``config()``) or settings environment (``env()``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,73 @@ from typing import Any, Self
 
 import redis
 
+from voxcore.adapters.redis.config import RedisConfig
 from voxcore.entrypoints.embedded_redis import free_port, port_answers
 
 #: Redis Cluster's slot count.
 SLOTS = 16384
 _HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RedisDeployment:
+    """A test's Redis in one of the three modes (``standalone``, ``cluster``, ``sentinel``).
+
+    Attributes:
+        url: A ``redis://`` URL of one data node (the server itself when standalone).
+        kind: Where it came from (``redis-server``, ``container``, ``env``, ``cluster``, ``sentinel``).
+        mode: The ``redis.mode`` to use.
+        nodes: Cluster startup nodes (``host:port``).
+        sentinels: Sentinel addresses (``host:port``).
+        service: The Sentinel service name.
+        topology: The :class:`LocalRedisCluster`/:class:`LocalRedisSentinel` behind it, if any.
+    """
+
+    url: str
+    kind: str
+    mode: str = "standalone"
+    nodes: tuple[str, ...] = ()
+    sentinels: tuple[str, ...] = ()
+    service: str = ""
+    topology: Any = field(default=None, compare=False, repr=False)
+
+    def config(self, **overrides: Any) -> RedisConfig:
+        """A ``RedisConfig`` for this deployment (``overrides``: any other RedisConfig field)."""
+        if self.mode == "cluster":
+            return RedisConfig(mode="cluster", nodes=self.nodes, **overrides)
+        if self.mode == "sentinel":
+            return RedisConfig(
+                mode="sentinel", sentinels=self.sentinels, sentinel_service=self.service, **overrides
+            )
+        return RedisConfig(url=self.url, **overrides)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point ``load_settings`` at this deployment."""
+        variables = {"REDIS_URL": self.url, "VOXCORE_REDIS__MODE": self.mode}
+        if self.mode == "cluster":
+            variables["VOXCORE_REDIS__NODES"] = ",".join(self.nodes)
+        if self.mode == "sentinel":
+            variables["VOXCORE_REDIS__SENTINELS"] = ",".join(self.sentinels)
+            variables["VOXCORE_REDIS__SENTINEL_SERVICE"] = self.service
+        return variables
+
+    @classmethod
+    def of_cluster(cls, cluster: LocalRedisCluster) -> RedisDeployment:
+        """The deployment of a started :class:`LocalRedisCluster`."""
+        nodes = cluster.startup_nodes
+        return cls(f"redis://{nodes[0]}/0", "cluster", "cluster", nodes=nodes, topology=cluster)
+
+    @classmethod
+    def of_sentinel(cls, topology: LocalRedisSentinel) -> RedisDeployment:
+        """The deployment of a started :class:`LocalRedisSentinel`."""
+        return cls(
+            f"redis://{topology.primary_address()}/0",
+            "sentinel",
+            "sentinel",
+            sentinels=topology.sentinel_addresses,
+            service=topology.service,
+            topology=topology,
+        )
 
 
 class TopologyError(RuntimeError):
