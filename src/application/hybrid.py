@@ -1250,8 +1250,8 @@ class HybridResponder:
 
     async def drain(self) -> None:
         """Wait until every synthesis in flight and every background cache write has finished."""
-        while self._syntheses or self._writes:
-            await asyncio.wait({*self._syntheses, *self._writes})
+        while self._syntheses or self._writes or self._closing:
+            await asyncio.wait({*self._syntheses, *self._writes, *self._closing})
 
     async def shutdown(self, *, timeout_s: float = 5.0) -> None:
         """Refuse new replies, cancel syntheses, and let pending cache writes finish.
@@ -1274,6 +1274,8 @@ class HybridResponder:
             if pending:
                 await asyncio.wait(pending)
             cancelled = len(pending)
+        if self._closing:  # lease releases the writes started (bounded by the client's timeouts)
+            await asyncio.wait(set(self._closing))
         emit(
             logger,
             "hybrid_shutdown",

@@ -120,7 +120,7 @@ async def test_two_responders_on_one_cache_synthesize_a_miss_once() -> None:
         await one.shutdown()
         await two.shutdown()
     assert len(tts_a.calls) + len(tts_b.calls) == 1  # one synthesis for both "workers"
-    assert b"".join(first) == b"".join(second) == tts_a.audio("Ваш заказ 4512")
+    assert first and b"".join(first) == b"".join(second)  # the loser played the winner's audio
     assert leases.held == {}  # released after the cache write
     assert cache.writes and cache.writes[0][0] == key_of("Ваш заказ 4512", tts_a)
 
