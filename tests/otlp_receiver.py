@@ -35,6 +35,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status_code: int
     service_name: str
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace_id, span_id)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class OTLPReceiver:
                                     attributes={a.key: _value(a.value) for a in span.attributes},
                                     status_code=span.status.code,
                                     service_name=service,
+                                    links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                                 )
                             )
             elif path == "/v1/metrics":
