@@ -41,7 +41,7 @@ def named(lines: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 
 async def test_probe_llm_on_the_simulator_writes_a_report(tmp_path: Path) -> None:
     code, lines, err = await run(
-        "probe-llm", "--embedded-redis", "--repeats", "6", "--report-dir", str(tmp_path), "--log-level", "DEBUG"
+        "probe-llm", "--embedded-redis", "--repeats", "6", "--report-dir", str(tmp_path), "--log-level=DEBUG"
     )
     assert code == 0, err
     assert named(lines, "llm_simulator_started")
