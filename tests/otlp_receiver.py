@@ -44,6 +44,8 @@ class OTLPReceiver:
 
     spans: list[ReceivedSpan] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
+    #: Attributes of every histogram/sum/gauge data point received, by metric name.
+    metric_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     requests: int = 0
     endpoint: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +84,12 @@ class OTLPReceiver:
                 for resource_metrics in request.resource_metrics:
                     for scope in resource_metrics.scope_metrics:
                         self.metric_names.update(m.name for m in scope.metrics)
+                        for metric in scope.metrics:
+                            kind = metric.WhichOneof("data")
+                            points = getattr(metric, kind).data_points if kind else []
+                            self.metric_points.setdefault(metric.name, []).extend(
+                                {a.key: _value(a.value) for a in point.attributes} for point in points
+                            )
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -371,11 +371,12 @@ class HybridResponder:
 
     # -- replies ---------------------------------------------------------------------------------------
 
-    def play(self, playlist: Playlist) -> AsyncGenerator[bytes, None]:
+    def play(self, playlist: Playlist, *, parent: trace.Span | None = None) -> AsyncGenerator[bytes, None]:
         """Play ``playlist``: chunks of ``target_format`` in playlist order.
 
         Close the generator (``aclose``, or ``contextlib.aclosing``) to stop early (barge-in): the
         lookups still in flight are cancelled and syntheses nobody else listens to are abandoned.
+        ``parent`` (e.g. ``manager.call_span``) puts the reply's span in that call's trace.
 
         Yields:
             ``chunk_ms`` chunks (the last one of the reply may be shorter).
@@ -386,10 +387,12 @@ class HybridResponder:
         """
         if not isinstance(playlist, Playlist):
             raise TypeError(f"play needs a Playlist, got {type(playlist).__name__}")
-        return self._run(list(playlist.items), None)
+        return self._run(list(playlist.items), None, parent)
 
-    def speak_text_stream(self, deltas: AsyncIterable[str]) -> AsyncGenerator[bytes, None]:
-        """Speak free answer text while it is still streaming in.
+    def speak_text_stream(
+        self, deltas: AsyncIterable[str], *, parent: trace.Span | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Speak free answer text while it is still streaming in (``parent`` as in :meth:`play`).
 
         The text is cut into sentences as it arrives (:class:`SentenceSplitter`); each sentence is
         a TTS item (cache first, synthesized on a miss, cached afterwards), so the first sentence is
@@ -400,14 +403,15 @@ class HybridResponder:
         Yields:
             ``chunk_ms`` chunks of ``target_format``.
         """
-        return self._run([], deltas)
+        return self._run([], deltas, parent)
 
     async def _run(
-        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None
+        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None, parent: trace.Span | None = None
     ) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise RuntimeError("the hybrid responder is shut down")
-        span = self._tracer.start_span("voxcore.hybrid.playlist")
+        in_call = trace.set_span_in_context(parent) if parent is not None else None
+        span = self._tracer.start_span("voxcore.hybrid.playlist", context=in_call)
         turn = _Turn(started=self._clock(), span=span, parent=trace.set_span_in_context(span))
         turn.items.extend(items)
         if deltas is not None:
@@ -1062,7 +1066,8 @@ class HybridResponder:
             "chunks": chunks,
             "converted": converted,
         }
-        emit(logger, "hybrid_item", **fields)
+        with trace.use_span(slot.span, end_on_exit=False):  # DEBUG: the reply's INFO line is hybrid_turn
+            emit(logger, "hybrid_item", logging.DEBUG, **fields)
         slot.span.set_attributes({_ITEM + name: value for name, value in fields.items() if value is not None})
         slot.span.end()
         slot.reported = True
@@ -1118,7 +1123,8 @@ class HybridResponder:
         )
         self._last_metrics = result
         level = logging.WARNING if outcome == "failed" else logging.INFO
-        emit(logger, "hybrid_turn", level, **result.fields())
+        with trace.use_span(turn.span, end_on_exit=False):  # the line carries the reply's trace id
+            emit(logger, "hybrid_turn", level, **result.fields())
         turn.span.set_attributes(result.span_attributes())
         if outcome == "failed":
             turn.span.set_status(Status(StatusCode.ERROR, "the reply failed"))
