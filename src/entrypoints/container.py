@@ -49,7 +49,7 @@ from voxcore.core.ports.errors import ConfigurationError
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.logging import configure_logging, remove_logging
-from voxcore.entrypoints.manifest import read_manifest
+from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
@@ -258,12 +258,16 @@ async def open_hybrid_responder(
             else "voice.default_agent is not set (or has TTS disabled): hybrid replies need a voice"
         )
     tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
-    transcripts: dict[str, str] = {}
+    # The number pack's transcripts always: say_money() & co. name its fragments, and a fragment
+    # missing from the cache is then spoken from its word instead of skipped.
+    transcripts: dict[str, str] = {
+        spec.key: spec.transcript for spec in read_manifest(numbers_manifest_path()) if spec.transcript
+    }
     if v.hybrid.manifest_path:
         path = Path(v.hybrid.manifest_path)
         if not path.is_absolute() and settings.base_dir:
             path = Path(settings.base_dir) / path
-        transcripts = {spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript}
+        transcripts.update({spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript})
     voice = agent_voice(agent)
     return HybridResponder(
         cache=cache,
@@ -277,6 +281,8 @@ async def open_hybrid_responder(
         max_background_writes=v.hybrid.max_background_writes,
         speed=voice.speed,
         speculative_first_tts=v.hybrid.speculative_first_tts,
+        join_pause_ms=v.hybrid.join_pause_ms,
+        silence_threshold=v.hybrid.silence_threshold,
     )
 
 
