@@ -390,6 +390,35 @@ class ConversationManager(AbstractConversationManager):
                 await _close_stream(stream)
             self._release(turn, span)
 
+    def record_answered_turn(self, final_user_text: str, answer_text: str, *, source: str) -> None:
+        """Add a turn answered without the LLM (e.g. a FAQ recording) to the history.
+
+        The next LLM turn then sees what the caller asked and heard, as if the model had answered.
+
+        Args:
+            final_user_text: What the user said.
+            answer_text: What the caller heard.
+            source: Who answered (logged as ``source``, e.g. ``faq``).
+
+        Raises:
+            RuntimeError: the manager is shut down, or a turn is still open.
+            ValueError: a text is not a string.
+        """
+        if self._closed:
+            raise RuntimeError("the conversation manager is shut down")
+        if self._open_turn_index is not None:
+            raise RuntimeError("a turn is still open: close its generator (aclose) before recording another")
+        user_message = make_message("user", final_user_text)
+        answer = make_message("assistant", answer_text)
+        self._turns += 1
+        dual = self._dual
+        dual.begin_turn()
+        dual.active_context.append(user_message)
+        dual.after_message()
+        dual.active_context.append(answer)
+        dual.after_message()
+        emit(logger, "user_turn_answered", turn=self._turns, source=source, chars=len(answer_text))
+
     def _release(self, turn: _Turn, span: trace.Span) -> None:
         if span.is_recording():
             span.end()

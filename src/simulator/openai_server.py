@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP/1.1 server SIMULATOR on 127.0.0.1 (stdlib asyncio streams only).
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE) and ``POST /v1/audio/speech``
-(synthetic speech-like PCM streamed with chunked transfer).
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE), ``POST /v1/audio/speech``
+(synthetic speech-like PCM streamed with chunked transfer) and ``POST /v1/embeddings`` (deterministic
+vectors, or a real model; see ``voxcore.simulator.embeddings``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self, TypeAlias
 from urllib.parse import unquote, urlsplit
+
+from voxcore.simulator.embeddings import (
+    DEFAULT_EMBEDDING_MODELS,
+    EMBEDDINGS_PATH,
+    EmbeddingBackend,
+    default_backend,
+    embeddings_payload,
+    validate_embeddings,
+)
 
 __all__ = [
     "AUDIO_SPEECH_PATH",
@@ -622,6 +632,11 @@ class OpenAISimulator:
         seed: Seed for the chunk-size generator.
         speech_models: Model ids accepted by ``/v1/audio/speech`` (not listed by ``/v1/models``).
         speech_chunk_bytes: Bytes per chunk of a speech body (odd by default: chunks split frames).
+        embedding_models: Models accepted by ``/v1/embeddings`` -> their native dimension.
+        embedding_backends: Model -> a backend computing its vectors (default for every model: the
+            deterministic ``hashed_embedding``).
+        embedding_delay_ms: Delay before an embeddings answer (a plan's ``first_token_delay_ms``
+            overrides it per request).
     """
 
     def __init__(
@@ -642,6 +657,9 @@ class OpenAISimulator:
         seed: int = 0,
         speech_models: Sequence[str] = DEFAULT_SPEECH_MODELS,
         speech_chunk_bytes: int = _DEFAULT_SPEECH_CHUNK_BYTES,
+        embedding_models: Mapping[str, int] = DEFAULT_EMBEDDING_MODELS,
+        embedding_backends: Mapping[str, EmbeddingBackend] | None = None,
+        embedding_delay_ms: float = 0.0,
     ) -> None:
         if speech_chunk_bytes < 1:
             raise ValueError(f"speech_chunk_bytes must be positive, got {speech_chunk_bytes}")
@@ -658,6 +676,9 @@ class OpenAISimulator:
         self.idle_timeout_s = idle_timeout_s
         self.speech_models: list[str] = list(speech_models)
         self.speech_chunk_bytes = speech_chunk_bytes
+        self.embedding_models: dict[str, int] = dict(embedding_models)
+        self.embedding_backends: dict[str, EmbeddingBackend] = dict(embedding_backends or {})
+        self.embedding_delay_ms = embedding_delay_ms
         self.default_plan: RequestPlan | None = None
 
         self.requests_by_path: collections.Counter[str] = collections.Counter()
@@ -1158,6 +1179,8 @@ class OpenAISimulator:
             route = "chat"
         elif method == "POST" and path == AUDIO_SPEECH_PATH:
             route = "speech"
+        elif method == "POST" and path == EMBEDDINGS_PATH:
+            route = "embeddings"
         else:
             message = f"Invalid URL ({req.method} {req.path})"
             return await self._send_error(writer, req, 404, message, "invalid_request_error", None)
@@ -1189,6 +1212,8 @@ class OpenAISimulator:
             return await self._send_json_with_fault(reader, writer, req, self._model_object(model_id), plan)
         if route == "speech":
             return await self._speech(req, reader, writer, plan)
+        if route == "embeddings":
+            return await self._embeddings(req, reader, writer, plan)
         return await self._chat(req, reader, writer, plan)
 
     def _model_object(self, model_id: str) -> dict[str, Any]:
@@ -1664,3 +1689,30 @@ class OpenAISimulator:
             return False
         await out.finish()
         return keep_alive
+
+    # ------------------------------------------------------------------------------------ embeddings
+
+    async def _embeddings(
+        self,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        plan: RequestPlan | None,
+    ) -> bool:
+        models = self.embedding_models
+        body = await self._valid_body(req, writer, lambda b: validate_embeddings(b, models))
+        if isinstance(body, bool):
+            return body
+        backend = self.embedding_backends.get(body["model"]) or default_backend()
+        try:
+            payload = embeddings_payload(body, models, backend)
+        except Exception as err:
+            log.exception("openai simulator: embedding backend failed")
+            message = f"embedding backend failed: {err}"
+            return await self._send_error(writer, req, 500, message, "server_error", None)
+        delay = self.embedding_delay_ms
+        if plan is not None and plan.first_token_delay_ms is not None:
+            delay = plan.first_token_delay_ms
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+        return await self._send_json_with_fault(reader, writer, req, payload, plan)

@@ -16,6 +16,8 @@
                └── LLMProtocolError          malformed SSE, stream cut short,
                                              invalid structured JSON             transient
           └── TTSError                    a speech synthesis failed (``transient`` as the cause)
+          └── EmbeddingError              an embedding request failed (``status``, ``retry_after``;
+                                          transient for 408/429/5xx, timeouts, cut connections)
 
 The cache port does not raise at all (SPEC-A: soft returns); these are for the ports that do.
 Adapters translate third-party errors at the boundary (``raise LLMTimeoutError(...) from exc``).
@@ -109,3 +111,24 @@ class LLMProtocolError(LLMError):
 
 class TTSError(BackendError):
     """Speech synthesis failed; a partially streamed result must not be cached."""
+
+
+class EmbeddingError(BackendError):
+    """An embedding provider call failed (or answered something that is not a vector per input).
+
+    Attributes:
+        status: The HTTP status, when the provider answered one.
+        retry_after: Seconds the provider asked to wait (429/503 ``Retry-After``), when it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool = False,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, transient=transient)
+        self.status = status
+        self.retry_after = retry_after
