@@ -365,6 +365,9 @@ class HybridResponder:
         self._edge_keep_ms = (join_pause_ms or 0) // 2
         self._silence_threshold = silence_threshold
         EdgeTrimmer(target_format, keep_ms=self._edge_keep_ms, threshold=silence_threshold)  # validates
+        # Trimmed audio is stored under keys of its own: never mixed with the engine's raw audio
+        # (which the voice service caches under the plain key) nor with another trim.
+        self._variant = f"trim{self._edge_keep_ms}/{silence_threshold}" if self._joins else ""
         self._clock = clock
         self._tracer = tracer if tracer is not None else _tracer
         self._first_audio = _first_audio_histogram(meter if meter is not None else _meter)
@@ -799,6 +802,7 @@ class HybridResponder:
                 engine=self._tts.name,
                 audio_format=self._target,
                 speed=self._speed,
+                variant=self._variant,
             )
             if len(self._keys) >= _MAX_REMEMBERED_KEYS:
                 del self._keys[next(iter(self._keys))]  # the oldest entry
