@@ -398,6 +398,17 @@ class HybridResponder:
         """The numbers of the most recent reply that has ended (``None`` before the first)."""
         return self._last_metrics
 
+    def tts_cache_key(self, text: str) -> str:
+        """The ``tts:*`` key this responder stores and looks up the synthesis of ``text`` under.
+
+        It covers the voice, model, engine, target format, speed and the join trimming (trimmed
+        audio has keys of its own), so a host that pre-fills the cache must use this key.
+
+        Raises:
+            DomainError: the text is empty once normalized.
+        """
+        return self._tts_key(text)
+
     @property
     def pending_writes(self) -> int:
         """Background cache writes in flight."""
