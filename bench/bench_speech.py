@@ -186,9 +186,8 @@ def render(
     ]
     for row in pack:
         verdict = "-" if row.ok is None else ("yes" if row.ok else "NO")
-        lines.append(
-            f"| {row.name} | {row.raw_us:.1f} | {row.ours_us:.1f} | {row.ratio:.3f}x | {row.target} | {verdict} |"
-        )
+        numbers = f"{row.raw_us:.1f} | {row.ours_us:.1f} | {row.ratio:.3f}x"
+        lines.append(f"| {row.name} | {numbers} | {row.target} | {verdict} |")
     lines += ["", "| verbalization | us per call | target | ok |", "|---|---:|---|---|"]
     for row in words:
         verdict = "-" if row.ok is None else ("yes" if row.ok else "NO")
