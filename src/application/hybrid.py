@@ -13,23 +13,20 @@ from typing import Any, Final
 from opentelemetry import metrics, trace
 
 from voxcore.application._hybrid_report import end_turn, item_done, item_failed
+from voxcore.application._hybrid_resolve import FeedResolver
 from voxcore.application._hybrid_state import (
-    MAX_REMEMBERED_KEYS,
     Feed,
     Slot,
-    Synthesis,
     Turn,
     delivered,
     describe,
     key_of,
     kind_of,
     log_failure,
-    remember_key,
     wait_settled,
 )
 from voxcore.application._hybrid_synthesis import SynthesisPool
 from voxcore.core.domain.audio import AudioFormat
-from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.hybrid import (
     HybridTurnMetrics,
     ItemSource,
@@ -50,13 +47,11 @@ from voxcore.core.domain.playlist import (
     PlaylistError,
     PlaylistItem,
     Rechunker,
-    StaticItem,
     TTSItem,
     can_join,
     silence,
 )
 from voxcore.core.domain.sentences import SentenceSplitter
-from voxcore.core.domain.tts_text import tts_cache_key
 from voxcore.core.ports.audio import AudioConverter, StreamConverter
 from voxcore.core.ports.cache import AbstractAudioCache
 from voxcore.core.ports.tts import TTSEngine
@@ -70,8 +65,6 @@ _tracer = trace.get_tracer("voxcore.hybrid")
 _meter = metrics.get_meter("voxcore.hybrid")
 
 _ITEM: Final = "voxcore.hybrid.item."
-# Remembered static formats (a few hundred fragments is a large manifest) and TTS keys per text.
-_MAX_REMEMBERED_FORMATS: Final = 4096
 # Longest wait for the first item's synthesis to deliver audio before the other items start anyway.
 _FIRST_REQUEST_GRACE_S: Final = 0.005
 
@@ -188,24 +181,19 @@ class HybridResponder:
             )
         Rechunker(target_format, chunk_ms)  # validates chunk_ms
         SentenceSplitter(min_chars=sentence_min_chars, max_chars=sentence_max_chars)  # validates lengths
-        self._cache = cache
         self._tts = tts
         self._converter = converter
         self._target = target_format
         self._voice = voice
-        self._model = tts_model
         self._transcripts = {
             static_fragment_key(key): text.strip()
             for key, text in (transcripts or {}).items()
             if text and text.strip()
         }
         self._chunk_ms = chunk_ms
-        self._max_writes = max_background_writes
         self._prefetch = prefetch
-        self._speed = speed
         self._sentence_min = sentence_min_chars
         self._sentence_max = sentence_max_chars
-        self._speculative = speculative_first_tts
         if join_pause_ms is not None and (
             isinstance(join_pause_ms, bool) or not isinstance(join_pause_ms, int) or join_pause_ms < 0
         ):
@@ -213,7 +201,6 @@ class HybridResponder:
         # Joins are processed in signed 16-bit PCM only (every voxcore reply format); else as is.
         self._joins = join_pause_ms is not None and is_s16(target_format)
         self._edge_keep_ms = (join_pause_ms or 0) // 2
-        self._silence_threshold = silence_threshold
         EdgeTrimmer(target_format, keep_ms=self._edge_keep_ms, threshold=silence_threshold)  # validates
         # Trimmed audio is stored under keys of its own: never mixed with the engine's raw audio
         # (which the voice service caches under the plain key) nor with another trim.
@@ -221,9 +208,6 @@ class HybridResponder:
         self._clock = clock
         self._tracer = tracer if tracer is not None else _tracer
         self._first_audio = _first_audio_histogram(meter if meter is not None else _meter)
-        # static key -> (first chunk, stored format) of the version seen last (see _resolve_static)
-        self._formats: dict[str, tuple[bytes, AudioFormat]] = {}
-        self._keys: dict[str, str] = {}  # text -> tts:* key (hashing costs more than a lookup here)
         self._pool = SynthesisPool(
             cache=cache,
             tts=tts,
@@ -238,6 +222,19 @@ class HybridResponder:
             silence_threshold=silence_threshold,
             clock=clock,
             tracer=self._tracer,
+        )
+        self._resolver = FeedResolver(
+            cache=cache,
+            pool=self._pool,
+            target_format=target_format,
+            voice=voice,
+            model=tts_model,
+            engine=tts.name,
+            speed=speed,
+            variant=self._variant,
+            transcripts=self._transcripts,
+            speculative_first_tts=speculative_first_tts,
+            clock=clock,
         )
         self._closing: set[asyncio.Task[None]] = set()
         self._last_metrics: HybridTurnMetrics | None = None
@@ -268,7 +265,7 @@ class HybridResponder:
         Raises:
             DomainError: the text is empty once normalized.
         """
-        return self._tts_key(text)
+        return self._resolver.tts_key(text)
 
     @property
     def pending_writes(self) -> int:
@@ -591,11 +588,7 @@ class HybridResponder:
             self._launch(turn)
 
     async def _resolve(self, turn: Turn, slot: Slot) -> Feed:
-        item = slot.item
-        if isinstance(item, StaticItem):
-            return await self._resolve_static(turn, slot, item.key)
-        assert isinstance(item, TTSItem)
-        return await self._resolve_tts(turn, slot, item.text, kind="tts", source="miss")
+        return await self._resolver.resolve(slot, functools.partial(self._answered, turn, slot))
 
     def _deliver(self, turn: Turn, slot: Slot, feed: Feed) -> bool:
         """Hand the feed to the listener; False (and the feed released) when nobody waits for it."""
@@ -612,147 +605,6 @@ class HybridResponder:
         slot.feed.set_result(feed)
         self._answered(turn, slot, feed)
         return True
-
-    async def _resolve_static(self, turn: Turn, slot: Slot, key: str) -> Feed:
-        """Open the fragment and learn its stored format.
-
-        The format comes from a second command. When the fragment was played before, its format is
-        remembered together with its first chunk: if the first chunk is byte for byte the same, the
-        remembered format is used at once and checked in the background before the second chunk
-        (a fragment rewritten with the same first bytes in another format is switched over there,
-        ``hybrid_format_changed``). Otherwise both commands go out together and both are awaited.
-        """
-        remembered = self._formats.get(key)
-        fmt_task: asyncio.Future[AudioFormat | None] | None = None
-        if remembered is None:
-            fmt_task = asyncio.ensure_future(self._cache.get_audio_format(key))
-        try:
-            stream = await self._cache.open_audio_stream(key)
-            if stream is None:
-                return await self._static_missing(turn, slot, key)
-            head = await anext(stream, None)
-            answered_at = self._clock()
-            if remembered is not None and head is not None and head == remembered[0]:
-                check = asyncio.ensure_future(self._check_format(key, head))
-                return Feed(
-                    kind="static",
-                    key=key,
-                    source="hit",
-                    fmt=remembered[1],
-                    stream=stream,
-                    head=head,
-                    fmt_check=check,
-                    answered_at=answered_at,
-                )
-            if fmt_task is None:  # the fragment changed since it was last played
-                fmt_task = asyncio.ensure_future(self._cache.get_audio_format(key))
-            stored = await fmt_task
-        finally:
-            if fmt_task is not None and not fmt_task.done():
-                fmt_task.cancel()
-        self._remember(key, head, stored)
-        if stored is None:
-            emit(logger, "hybrid_format_unknown", logging.WARNING, key=key, assumed=describe(self._target))
-        return Feed(
-            kind="static",
-            key=key,
-            source="hit",
-            fmt=stored or self._target,
-            stream=stream,
-            head=head,
-            answered_at=answered_at,
-        )
-
-    def _tts_key(self, text: str) -> str:
-        """``tts_cache_key`` of ``text`` for this voice/model/engine/format, remembered per text."""
-        key = self._keys.get(text)
-        if key is None:
-            key = tts_cache_key(
-                text,
-                voice=self._voice,
-                model=self._model,
-                engine=self._tts.name,
-                audio_format=self._target,
-                speed=self._speed,
-                variant=self._variant,
-            )
-            if len(self._keys) >= MAX_REMEMBERED_KEYS:
-                del self._keys[next(iter(self._keys))]  # the oldest entry
-            self._keys[text] = key
-        return key
-
-    async def _check_format(self, key: str, head: bytes) -> AudioFormat | None:
-        stored = await self._cache.get_audio_format(key)
-        self._remember(key, head, stored)
-        return stored
-
-    def _remember(self, key: str, head: bytes | None, stored: AudioFormat | None) -> None:
-        if head is None or stored is None:
-            self._formats.pop(key, None)
-            return
-        if key not in self._formats and len(self._formats) >= _MAX_REMEMBERED_FORMATS:
-            del self._formats[next(iter(self._formats))]  # the oldest entry
-        self._formats[key] = (head, stored)
-
-    async def _static_missing(self, turn: Turn, slot: Slot, key: str) -> Feed:
-        self._formats.pop(key, None)
-        transcript = self._transcripts.get(key)
-        if transcript is None:
-            emit(
-                logger,
-                "static_fragment_skipped",
-                logging.ERROR,
-                key=key,
-                reason="missing from the cache and no transcript in the manifest",
-            )
-            return Feed(kind="static", key=key, source="skipped")
-        emit(logger, "static_fragment_missing", logging.WARNING, key=key, fallback="tts")
-        self._answered(turn, slot)  # the other items need not wait for the fallback's lookup
-        return await self._resolve_tts(turn, slot, transcript, kind="static", source="tts", shown_key=key)
-
-    async def _resolve_tts(
-        self,
-        turn: Turn,
-        slot: Slot,
-        text: str,
-        *,
-        kind: str,
-        source: ItemSource,
-        shown_key: str | None = None,
-    ) -> Feed:
-        try:
-            key = self._tts_key(text)
-        except DomainError as exc:
-            emit(logger, "hybrid_item_unusable", logging.ERROR, key=shown_key or "", error=str(exc))
-            return Feed(kind=kind, key=shown_key or "", source="skipped")
-        shown = shown_key or key
-        synthesis = self._pool.get(key)
-        if synthesis is None:
-            speculative: Synthesis | None = None
-            if self._speculative and slot.index == 0 and key not in self._pool.present:
-                # The first item's request goes out while its lookup runs (the lookup's command is
-                # sent first, when it is awaited below), and is cancelled if the lookup finds the audio.
-                speculative = self._pool.start(key, text, slot.span)
-            stream = await self._cache.open_audio_stream(key)
-            if stream is not None:
-                remember_key(self._pool.present, key)
-                if speculative is not None and speculative.consumers == 0:
-                    emit(logger, "tts_speculation_cancelled", key=key)
-                    self._pool.abandon(speculative)
-                # The key covers the format (tts_cache_key): no need to ask for it.
-                return Feed(
-                    kind=kind,
-                    key=shown,
-                    source="hit" if source == "miss" else source,
-                    fmt=self._target,
-                    stream=stream,
-                    answered_at=self._clock(),
-                )
-            self._pool.present.pop(key, None)  # expired, or never there
-            synthesis = speculative or self._pool.get(key)  # another item may have started it
-            if synthesis is None:
-                synthesis = self._pool.start(key, text, slot.span)
-        return Feed(kind=kind, key=shown, source=source, fmt=self._target, synthesis=synthesis)
 
     def _close_later(self, feed: Feed) -> None:
         """Close the stream (and its format check) of a feed nobody will play."""
