@@ -181,6 +181,57 @@ def test_the_words_of_an_amount_are_what_espeak_says_for_the_reference_words() -
     assert " ".join(phonemes(by_key[key]) for key in playlist.static_keys) == phonemes(reference)
 
 
+def spectral_frames(pcm: bytes) -> np.ndarray:
+    """Log energies in 24 log-spaced bands per 10 ms (25 ms Hann windows), mean-normalized."""
+    x = samples(pcm).astype(np.float32) / 32768.0
+    window = np.hanning(400)
+    frames = np.array([x[i : i + 400] * window for i in range(0, len(x) - 400, 160)])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    edges = np.geomspace(2, 200, 25).astype(int)
+    bands = np.stack([power[:, edges[i] : edges[i + 1] + 1].sum(1) for i in range(24)], 1)
+    features = np.log(bands + 1e-8)
+    return features - features.mean(0)
+
+
+def dtw_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Dynamic-time-warping distance of two feature sequences, per aligned frame."""
+    cost = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    total = np.full((len(a) + 1, len(b) + 1), np.inf)
+    total[0, 0] = 0.0
+    for i in range(1, len(a) + 1):
+        row, prev = total[i], total[i - 1]
+        best = np.minimum(prev[1:], prev[:-1]) + cost[i - 1]
+        for j in range(1, len(b) + 1):  # the left neighbour depends on this row: sequential
+            row[j] = min(best[j - 1], row[j - 1] + cost[i - 1, j - 1])
+    return float(total[-1, -1]) / (len(a) + len(b))
+
+
+@needs_espeak
+async def test_the_demo_amount_sounds_like_espeak_saying_the_reference_words(
+    cache: RedisCacheManager, sim: OpenAISimulator
+) -> None:
+    await load_shipped(cache)
+    engine = OpenAITTSEngine(base_url=sim.base_url, api_key="sk-test", timeout_s=5.0)
+    hybrid = responder(cache, engine, voice="alloy")
+    try:
+        reply = await collect(hybrid.play(hybrid_amount_playlist(12_500)))  # as the demo call plays it
+    finally:
+        await hybrid.shutdown()
+        await engine.aclose()
+    maker = script()
+    heard = spectral_frames(reply)
+    distance = {
+        text: dtw_distance(heard, spectral_frames(maker.speak("espeak-ng", text)))
+        for text in (
+            f"{INTRO} двенадцать тысяч пятьсот рублей",  # the reference words
+            f"{INTRO} 12 500 рублей",  # espeak-ng reading the digit groups: "двенадцать пятьсот"
+            f"{INTRO} двадцать одна тысяча один рубль",  # another amount
+        )
+    }
+    reference, digits, other = distance.values()
+    assert reference < 0.8 * digits and reference < 0.8 * other, distance
+
+
 @needs_espeak
 def test_every_shipped_fragment_is_espeaks_rendering_of_its_transcript() -> None:
     maker = script()
