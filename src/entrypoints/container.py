@@ -28,16 +28,21 @@ from voxcore.adapters.espeak.tts import EspeakTTSEngine
 from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import OpenAIConnectionManager
+from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
 from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.calls import CallRegistry
 from voxcore.application.context import LLMContext
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.embedding_cache import EmbeddingCache
+from voxcore.application.faq import FaqMatcher
 from voxcore.application.hybrid import HybridResponder
 from voxcore.application.manager import ConversationManager
+from voxcore.application.spoken import SpokenConversation
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
@@ -46,6 +51,7 @@ from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
+from voxcore.entrypoints.faq import read_faq_manifest
 from voxcore.entrypoints.logging import configure_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
@@ -98,12 +104,14 @@ def openai_config_from(settings: Settings) -> OpenAIConfig:
         read_timeout_s=llm.timeouts.read_s,
         pool_timeout_s=llm.timeouts.pool_s,
         first_token_timeout_s=llm.timeouts.first_token_s,
+        turn_timeout_s=llm.timeouts.turn_s,
         keepalive_expiry_s=llm.keepalive_expiry_s,
         warmup_interval_s=llm.warmup.interval_s,
         warmup_endpoint=llm.warmup.endpoint,
         warmup_completion=llm.warmup.completion,
         warmup_model=llm.models.main,
         structured_output=llm.structured_output,
+        max_concurrent_requests=llm.max_concurrent_requests,
         stream_usage=llm.stream_usage,
         max_output_tokens=llm.max_output_tokens,
         temperature=llm.temperature,
@@ -270,6 +278,97 @@ async def open_hybrid_responder(
     )
 
 
+@asynccontextmanager
+async def embedding_cache(settings: Settings, client: Any) -> AsyncIterator[EmbeddingCache]:
+    """The hot embedding cache (``embeddings.*``) over the OpenAI-compatible provider and Redis.
+
+    Nothing connects here: the provider's HTTP client opens on the first miss.
+    """
+    e, llm = settings.embeddings, settings.llm
+    provider = OpenAIEmbeddings(
+        base_url=e.base_url or llm.base_url,
+        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+        model=e.model,
+        dimensions=e.dimensions,
+        timeout_s=e.timeout_s,
+        http2=llm.http2,
+        max_batch=e.max_batch,
+        encoding_format=e.encoding_format,
+    )
+    c = settings.cache
+    cache = EmbeddingCache(
+        provider=provider,
+        store=RedisEmbeddingStore(
+            await client if inspect.isawaitable(client) else client,
+            breaker=CircuitBreaker(
+                base_window_s=c.breaker_base_window_ms / 1000, max_window_s=c.breaker_max_window_ms / 1000
+            ),
+        ),
+        key_prefix=c.key_prefix,
+        l1_max_bytes=e.cache.l1_max_bytes,
+        l1_ttl_seconds=e.cache.l1_ttl_seconds,
+        ttl_seconds=e.cache.ttl_seconds,
+    )
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+
+
+@asynccontextmanager
+async def faq_matcher(settings: Settings, embeddings: Any) -> AsyncIterator[FaqMatcher | None]:
+    """The started FAQ matcher when ``faq.enabled`` (questions embedded at start), else ``None``.
+
+    Raises:
+        ConfigurationError: the manifest is missing or invalid.
+        EmbeddingError: the questions could not be embedded (start-up fails loudly).
+    """
+    f = settings.faq
+    if not f.enabled or not f.manifest_path:
+        yield None
+        return
+    path = Path(f.manifest_path)
+    if not path.is_absolute() and settings.base_dir:
+        path = Path(settings.base_dir) / path
+    matcher = FaqMatcher(
+        embeddings=await embeddings if inspect.isawaitable(embeddings) else embeddings,
+        entries=read_faq_manifest(path),
+        threshold=f.threshold,
+        timeout_s=f.timeout_ms / 1000,
+    )
+    await matcher.start()
+    yield matcher
+
+
+async def open_spoken_conversation(
+    session_id: str,
+    *,
+    connection_factory: Callable[[], OpenAIConnectionManager],
+    manager_factory: Callable[..., ConversationManager],
+    settings: Settings,
+    cache: RedisCacheManager,
+    engines: Any,
+    converter: SoxrAudioConverter,
+    faq: Any,
+) -> SpokenConversation:
+    """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
+
+    ``await conversation.shutdown()`` closes the call's connection and drains the responder.
+    """
+    matcher = await faq if inspect.isawaitable(faq) else faq
+    manager = await open_conversation(
+        session_id, connection_factory=connection_factory, manager_factory=manager_factory
+    )
+    try:
+        responder = await open_hybrid_responder(
+            settings=settings, cache=cache, engines=engines, converter=converter
+        )
+    except BaseException:
+        await manager.shutdown()
+        raise
+    return SpokenConversation(conversation=manager, responder=responder, faq=matcher)
+
+
 def preload_llm(
     settings: Settings, prompts: Callable[[], object], tokenizer: Callable[[], Tokenizer]
 ) -> Iterator[None]:
@@ -353,6 +452,13 @@ class Container(containers.DeclarativeContainer):
         open_hybrid_responder: ``await container.open_hybrid_responder()`` -> a
             ``HybridResponder`` with ``voice.hybrid``'s voice; ``await responder.shutdown()``
             drains its background cache writes.
+        embedding_cache: ``await container.embedding_cache()`` -> the hot ``EmbeddingCache``
+            (``embeddings.*``: L1 LRU + Redis in front of the ``/embeddings`` provider).
+        faq_matcher: ``await container.faq_matcher()`` -> the started ``FaqMatcher`` when
+            ``faq.enabled`` (questions embedded at ``init_resources()``), else ``None``.
+        open_spoken_conversation: ``await container.open_spoken_conversation(session_id)`` -> a
+            ``SpokenConversation``: ``respond(text)`` yields audio, from a FAQ recording (``faq_hit``)
+            or the LLM's answer; ``await conversation.shutdown()`` closes it.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -417,4 +523,18 @@ class Container(containers.DeclarativeContainer):
         cache=cache,
         engines=tts_engines,
         converter=audio_converter,
+    )
+
+    # Embeddings and the FAQ matcher
+    embedding_cache = providers.Resource(embedding_cache, settings, redis_client)
+    faq_matcher = providers.Resource(faq_matcher, settings, embedding_cache)
+    open_spoken_conversation = providers.Coroutine(
+        open_spoken_conversation,
+        connection_factory=connection_manager.provider,
+        manager_factory=conversation_manager.provider,
+        settings=settings,
+        cache=cache,
+        engines=tts_engines,
+        converter=audio_converter,
+        faq=faq_matcher,
     )
