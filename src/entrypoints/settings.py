@@ -88,6 +88,7 @@ class LLMTimeouts(BaseModel):
     read_s: PositiveFloat = 30.0  # longest silence between two streamed chunks
     pool_s: PositiveFloat = 5.0
     first_token_s: PositiveFloat = 15.0  # request sent -> first content token
+    turn_s: PositiveFloat = 60.0  # the whole streamed turn: request -> last chunk, however it trickles
 
 
 class LLMModels(BaseModel):
@@ -124,7 +125,9 @@ class LLMSettings(BaseModel):
     keepalive_expiry_s: PositiveFloat = 90.0  # must outlive warmup.interval_s
     timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)
     warmup: LLMWarmup = Field(default_factory=LLMWarmup)
-    structured_output: Literal["json_schema", "instructions"] = "json_schema"
+    # auto: json_schema, then json_object, then instructions, as the server accepts (learned per base_url)
+    structured_output: Literal["auto", "json_schema", "json_object", "instructions"] = "auto"
+    max_concurrent_requests: PositiveInt | None = None  # per base_url; 1 for llama.cpp / single-GPU servers
     stream_usage: bool = True  # ask for usage in the last chunk (stream_options.include_usage)
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder

@@ -11,8 +11,8 @@
                ├── LLMModelNotFoundError     404: unknown model
                ├── LLMBadRequestError        400/422: the request was refused
                ├── LLMRateLimitedError       429 (``retry_after`` seconds)       transient
-               ├── LLMTimeoutError           connect/read/first-token timeout    transient
-               ├── LLMServerError            5xx (``status``)                    transient
+               ├── LLMTimeoutError           connect/read/first-token/turn       transient
+               ├── LLMServerError            5xx (``status``, ``retry_after``)   transient
                └── LLMProtocolError          malformed SSE, stream cut short,
                                              invalid structured JSON             transient
           └── TTSError                    a speech synthesis failed (``transient`` as the cause)
@@ -95,11 +95,15 @@ class LLMServerError(LLMError):
 
     Attributes:
         status: The HTTP status code.
+        retry_after: Seconds the provider asked to wait (``Retry-After`` on a 503), when it said.
     """
 
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message, transient=True)
+    def __init__(
+        self, message: str, *, status: int, retry_after: float | None = None, transient: bool = True
+    ) -> None:
+        super().__init__(message, transient=transient)
         self.status = status
+        self.retry_after = retry_after
 
 
 class LLMProtocolError(LLMError):
