@@ -14,7 +14,9 @@ from voxcore.simulator import OpenAISimulator
 MODELS_PATH = "/v1/models"
 
 
-def container_for(sim: OpenAISimulator, redis_target: RedisTarget, key_prefix: str, shared: bool) -> Container:
+def container_for(
+    sim: OpenAISimulator, redis_target: RedisTarget, key_prefix: str, shared: bool
+) -> Container:
     env = {
         "REDIS_URL": redis_target.url,
         "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
