@@ -53,7 +53,7 @@ from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.faq import read_faq_manifest
 from voxcore.entrypoints.logging import configure_logging
-from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
+from voxcore.entrypoints.manifest import number_pack_transcripts, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
@@ -252,9 +252,7 @@ async def open_hybrid_responder(
     tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
     # The number pack's transcripts always: say_money() & co. name its fragments, and a fragment
     # missing from the cache is then spoken from its word instead of skipped.
-    transcripts: dict[str, str] = {
-        spec.key: spec.transcript for spec in read_manifest(numbers_manifest_path()) if spec.transcript
-    }
+    transcripts: dict[str, str] = dict(number_pack_transcripts())
     if v.hybrid.manifest_path:
         path = Path(v.hybrid.manifest_path)
         if not path.is_absolute() and settings.base_dir:

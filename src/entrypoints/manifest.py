@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 
@@ -33,3 +36,10 @@ def read_manifest(path: Path) -> list[FragmentSpec]:
 def numbers_manifest_path() -> Path:
     """The shipped number fragment pack's manifest (``assets/manifest_numbers.yml``)."""
     return Path(str(resources.files("voxcore.entrypoints") / "assets" / "manifest_numbers.yml"))
+
+
+@functools.cache
+def number_pack_transcripts() -> Mapping[str, str]:
+    """``static:*`` key -> word of every fragment of the shipped number pack (read once per process)."""
+    specs = read_manifest(numbers_manifest_path())
+    return MappingProxyType({spec.key: spec.transcript for spec in specs if spec.transcript})
