@@ -22,7 +22,7 @@ from voxcore.application.hybrid import HybridResponder
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.fragments import FragmentSpec
 from voxcore.core.domain.playlist import Playlist, StaticItem, TTSItem
-from voxcore.core.domain.russian import hybrid_amount_playlist, money_words
+from voxcore.core.domain.russian import NUMBER_PACK, hybrid_amount_playlist, money_words
 from voxcore.core.domain.tts_text import normalize_tts_text
 from voxcore.core.ports.tts import SpeechRequest, TTSEngine
 from voxcore.entrypoints.cli import demo_manifest, numbers_manifest
@@ -337,8 +337,6 @@ async def test_joins_have_no_hole_and_no_step(cache: RedisCacheManager, pause_ms
 
 
 def test_the_shipped_manifests_list_every_fragment_with_its_exact_transcript() -> None:
-    from voxcore.core.domain.russian import NUMBER_PACK
-
     pack = {spec.key: spec.transcript for spec in read_manifest(numbers_manifest())}
     assert pack == {f"static:{name}": word for word, name in NUMBER_PACK.items()}
     for spec in shipped():
