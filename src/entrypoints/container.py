@@ -14,11 +14,13 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -29,6 +31,7 @@ from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import OpenAIConnectionManager
 from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
+from voxcore.adapters.openai.shared import SharedConnections
 from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
@@ -49,11 +52,12 @@ from voxcore.core.domain.dual_context import DualContextPolicy
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
+from voxcore.core.ports.llm import LLMConnectionManager
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.faq import read_faq_manifest
 from voxcore.entrypoints.logging import configure_logging
-from voxcore.entrypoints.manifest import number_pack_transcripts, read_manifest
+from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
@@ -133,10 +137,28 @@ def dual_policy_from(settings: Settings) -> DualContextPolicy:
     )
 
 
+def connection_manager_for(
+    config: OpenAIConfig, shared: Callable[[], SharedConnections], use_shared: bool
+) -> LLMConnectionManager[Any]:
+    """One call's connection: its own manager, or a handle on the shared client (llm.shared_connection)."""
+    if use_shared:
+        return shared().handle(config)
+    return OpenAIConnectionManager(config)
+
+
+@asynccontextmanager
+async def closing_shared_connections(shared: SharedConnections) -> AsyncIterator[SharedConnections]:
+    """Close the shared LLM clients (if any were made) at ``shutdown_resources()``."""
+    try:
+        yield shared
+    finally:
+        await shared.aclose()
+
+
 async def open_conversation(
     session_id: str,
     *,
-    connection_factory: Callable[[], OpenAIConnectionManager],
+    connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
 ) -> ConversationManager:
     """Build one call's conversation with its connection already open and warm.
@@ -232,6 +254,29 @@ async def voice_service(
         await limiter.aclose()
 
 
+def manifest_transcripts(path: Path) -> Mapping[str, str]:
+    """``static:*`` key -> transcript of a fragment manifest, parsed once per file version.
+
+    A responder is opened per call: parsing the YAML each time (~0.2 s for the number pack) would
+    cost more CPU than the call's audio.
+
+    Raises:
+        ConfigurationError: the manifest cannot be read or is invalid.
+    """
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read manifest {path}: {exc}") from exc
+    return _parsed_transcripts(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_transcripts(path: str, _mtime_ns: int, _size: int) -> Mapping[str, str]:
+    return MappingProxyType(
+        {spec.key: spec.transcript for spec in read_manifest(Path(path)) if spec.transcript}
+    )
+
+
 async def open_hybrid_responder(
     *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
 ) -> HybridResponder:
@@ -252,12 +297,12 @@ async def open_hybrid_responder(
     tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
     # The number pack's transcripts always: say_money() & co. name its fragments, and a fragment
     # missing from the cache is then spoken from its word instead of skipped.
-    transcripts: dict[str, str] = dict(number_pack_transcripts())
+    transcripts = dict(manifest_transcripts(numbers_manifest_path()))
     if v.hybrid.manifest_path:
         path = Path(v.hybrid.manifest_path)
         if not path.is_absolute() and settings.base_dir:
             path = Path(settings.base_dir) / path
-        transcripts.update({spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript})
+        transcripts.update(manifest_transcripts(path))
     voice = agent_voice(agent)
     return HybridResponder(
         cache=cache,
@@ -341,7 +386,7 @@ async def faq_matcher(settings: Settings, embeddings: Any) -> AsyncIterator[FaqM
 async def open_spoken_conversation(
     session_id: str,
     *,
-    connection_factory: Callable[[], OpenAIConnectionManager],
+    connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
     settings: Settings,
     cache: RedisCacheManager,
@@ -477,7 +522,14 @@ class Container(containers.DeclarativeContainer):
     llm_preload = providers.Resource(preload_llm, settings, prompts.provider, tokenizer.provider)
 
     # LLM: one call's objects
-    connection_manager = providers.Factory(OpenAIConnectionManager, openai_config)
+    shared_connections = providers.Singleton(SharedConnections)
+    shared_connections_lifetime = providers.Resource(closing_shared_connections, shared_connections)
+    connection_manager = providers.Factory(
+        connection_manager_for,
+        openai_config,
+        shared_connections.provider,
+        settings.provided.llm.shared_connection,
+    )
     llm_client = providers.Factory(OpenAILLMClient, openai_config)
     llm_context = providers.Factory(
         LLMContext,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from types import MappingProxyType
 
 import yaml
 
@@ -37,9 +34,3 @@ def numbers_manifest_path() -> Path:
     """The shipped number fragment pack's manifest (``assets/manifest_numbers.yml``)."""
     return Path(str(resources.files("voxcore.entrypoints") / "assets" / "manifest_numbers.yml"))
 
-
-@functools.cache
-def number_pack_transcripts() -> Mapping[str, str]:
-    """``static:*`` key -> word of every fragment of the shipped number pack (read once per process)."""
-    specs = read_manifest(numbers_manifest_path())
-    return MappingProxyType({spec.key: spec.transcript for spec in specs if spec.transcript})

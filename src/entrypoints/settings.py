@@ -132,6 +132,7 @@ class LLMSettings(BaseModel):
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
     preload: bool = True  # load prompts and the tokenizer (~0.2 s) at init_resources(), not at the first call
+    shared_connection: bool = False  # one warm client per provider for all calls (docs/llm.md)
 
     @model_validator(mode="after")
     def _keepalive_outlives_warmup(self) -> LLMSettings:
