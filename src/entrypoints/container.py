@@ -3,7 +3,7 @@
 Usage (see the README)::
 
     container = Container(config_path="/srv/app/voxcore.yml")
-    await container.init_resources()      # configures JSON logging, connects the cache
+    await container.init_resources()      # connects the cache (logging stays the host's)
     cache = container.cache()             # one RedisCacheManager per container (process)
     manager = await container.open_conversation("call-42")  # one per phone call, connection warm
     async for chunk in manager.process_user_turn("Здравствуйте!"):
@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dependency_injector import containers, providers
+from opentelemetry import trace
 
 from voxcore.adapters.audio.convert import SoxrAudioConverter
 from voxcore.adapters.espeak.tts import EspeakTTSEngine
@@ -44,11 +45,12 @@ from voxcore.application.dual_context import DualContextController
 from voxcore.application.embedding_cache import EmbeddingCache
 from voxcore.application.faq import FaqMatcher
 from voxcore.application.hybrid import HybridResponder
-from voxcore.application.manager import ConversationManager
+from voxcore.application.manager import ConversationManager, start_call_span
 from voxcore.application.spoken import SpokenConversation
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
+from voxcore.core.domain.keys import session_hash
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
@@ -56,11 +58,13 @@ from voxcore.core.ports.llm import LLMConnectionManager
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.faq import read_faq_manifest
-from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.logging import configure_logging, remove_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+
+_tracer = trace.get_tracer("voxcore.conversation")
 
 
 def redis_config_from(settings: Settings) -> RedisConfig:
@@ -165,12 +169,24 @@ async def open_conversation(
 
     The handshake happens here, before the first turn, so the first turn is as fast as the rest.
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
+
+    The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
+    and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
-    connection = connection_factory()
-    await connection.start()
+    call_span = start_call_span(_tracer, session_hash(session_id))
     try:
-        return manager_factory(session_id=session_id, connection_manager=connection)
+        with trace.use_span(call_span, end_on_exit=False):  # the warm-up task inherits this context
+            connection = connection_factory()
+            await connection.start()
+    except BaseException as exc:
+        call_span.record_exception(exc)
+        call_span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        call_span.end()
+        raise
+    try:
+        return manager_factory(session_id=session_id, connection_manager=connection, call_span=call_span)
     except BaseException:
+        call_span.end()
         await connection.shutdown()
         raise
 
@@ -430,7 +446,15 @@ async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]
     if not t.enabled:
         yield None
         return
-    telemetry = setup_telemetry(t.service_name, t.otlp_endpoint)
+    telemetry = setup_telemetry(
+        t.service_name,
+        t.otlp_endpoint,
+        export_interval_ms=t.metric_export_interval_ms,
+        protocol=t.protocol,
+        traces_exporter=t.traces_exporter,
+        metrics_exporter=t.metrics_exporter,
+        shutdown_timeout_s=t.shutdown_timeout_s,
+    )
     try:
         yield telemetry
     finally:
@@ -449,7 +473,10 @@ async def connected_cache(cache: RedisCacheManager) -> AsyncIterator[RedisCacheM
 
 @asynccontextmanager
 async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | None]:
-    """Install voxcore's JSON log handler unless ``logging.configure`` is false; remove it at shutdown."""
+    """Install voxcore's JSON log handler when ``logging.configure`` is true; undo it at shutdown.
+
+    By default (``false``) the host's logging set-up gets the records, untouched.
+    """
     if not settings.logging.configure:
         yield None
         return
@@ -457,7 +484,7 @@ async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | No
     try:
         yield handler
     finally:
-        logging.getLogger("voxcore").removeHandler(handler)
+        remove_logging(handler)
 
 
 @asynccontextmanager
@@ -554,6 +581,7 @@ class Container(containers.DeclarativeContainer):
         summary_ttl_seconds=settings.provided.summary.ttl_seconds,
         summary_max_tokens=settings.provided.summary.max_output_tokens,
         unsafe_reply=settings.provided.llm.unsafe_reply,
+        record_text=settings.provided.telemetry.record_text,
     )
     open_conversation = providers.Coroutine(
         open_conversation,
