@@ -25,6 +25,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -33,7 +34,8 @@ from voxcore.core.domain.keys import check_key_prefix, check_namespaces
 from voxcore.core.domain.secrets import mask_url, scrub_secrets
 from voxcore.core.ports.errors import ConfigurationError
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# defer_build: the validators are built on first use, not at import (a host imports the container early)
+_STRICT = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 _REDIS_ENV = {
     "REDIS_URL": "url",
     "REDIS_HOST": "host",
@@ -61,6 +63,37 @@ class RedisSettings(BaseModel):
     pool_timeout: PositiveFloat = 1.0
     retries: int = Field(default=1, ge=0, le=10)
     health_check_interval: int = Field(default=30, ge=0)
+    # Deployment: one server, a Redis Cluster (startup `nodes`), or a Sentinel-managed primary.
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    nodes: list[str] = Field(default_factory=list)  # cluster startup nodes, "host:port"
+    sentinels: list[str] = Field(default_factory=list)  # "host:port" of the Sentinels
+    sentinel_service: str = Field(default="mymaster", min_length=1)
+    sentinel_password: SecretStr | None = None  # of the Sentinels themselves
+
+    @field_validator("nodes", "sentinels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``"h1:7000,h2:7000"`` (how an environment variable carries a list) -> a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("nodes", "sentinels")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port', got {address!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("mode sentinel needs `sentinels` (a list of host:port)")
+        if self.mode == "cluster" and self.db != 0:
+            raise ValueError("Redis Cluster has only database 0: `db` must be 0 in cluster mode")
+        return self
 
     @property
     def masked_url(self) -> str | None:
@@ -75,7 +108,7 @@ class RedisSettings(BaseModel):
     @property
     def explicitly_located(self) -> bool:
         """True when a source set where Redis is (so tools must not pick a server themselves)."""
-        return bool(self.model_fields_set & {"url", "host", "port"})
+        return bool(self.model_fields_set & {"url", "host", "port", "nodes", "sentinels"})
 
 
 class CacheSettings(BaseModel):
@@ -156,6 +189,7 @@ class LLMSettings(BaseModel):
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
     preload: bool = True  # load prompts and the tokenizer (~0.2 s) at init_resources(), not at the first call
+    shared_connection: bool = False  # one warm client per provider for all calls (docs/llm.md)
 
     @model_validator(mode="after")
     def _keepalive_outlives_warmup(self) -> LLMSettings:
@@ -246,6 +280,17 @@ class EspeakSettings(BaseModel):
     max_chars: PositiveInt = 1000
 
 
+class SynthesisLeaseSettings(BaseModel):
+    """Cross-worker single flight of TTS: a short Redis lease per ``tts:*`` key (docs/scale-out.md)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_s: PositiveFloat = 15.0  # longer than a synthesis + its cache write; a dead holder frees it then
+    wait_s: float = Field(default=5.0, ge=0.0)  # longest wait for another worker's audio
+    poll_ms: PositiveFloat = 50.0  # how often a waiting worker looks at the cache
+
+
 class HybridSettings(BaseModel):
     """Hybrid replies (recorded fragments + TTS): whose voice, and the fragments' transcripts."""
 
@@ -279,6 +324,7 @@ class VoiceSettings(BaseModel):
     openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
     espeak: EspeakSettings = Field(default_factory=EspeakSettings)
     hybrid: HybridSettings = Field(default_factory=HybridSettings)
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class EmbeddingCacheSettings(BaseModel):
@@ -323,21 +369,33 @@ class FaqSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
+    """voxcore's own OpenTelemetry SDK set-up (needs the ``otel`` extra); never over a host's providers.
+
+    The standard ``OTEL_*`` variables win over these keys (the deployment's environment overrides
+    the file, as everywhere in voxcore's settings): ``OTEL_SERVICE_NAME``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_TRACES_EXPORTER``,
+    ``OTEL_METRICS_EXPORTER``, ``OTEL_METRIC_EXPORT_INTERVAL``.
+    """
 
     model_config = _STRICT
 
     enabled: bool = False
     service_name: str = "voxcore"
-    otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT, then http://127.0.0.1:4318
+    otlp_endpoint: str | None = None  # default: http://127.0.0.1:4318 (http/protobuf) or :4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    traces_exporter: Literal["otlp", "none"] = "otlp"
+    metrics_exporter: Literal["otlp", "none"] = "otlp"  # none: e.g. Jaeger v1, which takes traces only
+    metric_export_interval_ms: PositiveInt = 5000
+    shutdown_timeout_s: PositiveFloat = 1.0  # longest a stop waits for an unreachable collector
+    record_text: bool = False  # put user/model text on turn spans (marked droppable; see docs/telemetry.md)
 
 
 class LoggingSettings(BaseModel):
-    """JSON logging installed by the container (``configure: false`` leaves the host's set-up alone)."""
+    """voxcore's JSON log lines: off by default (the host's logging gets the records); the CLI sets them."""
 
     model_config = _STRICT
 
-    configure: bool = True
+    configure: bool = False  # true: the container adds a stderr JSON handler to the `voxcore` logger
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

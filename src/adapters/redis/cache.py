@@ -4,10 +4,14 @@ Storage layout (``P`` is the optional key prefix for a shared Redis, see ``keys.
 
 * ``P<key>`` - the fragment: a Redis List of byte chunks (``static:*``, ``tts:*``), or a String
   (``summary:session:*``).
-* ``P voxcore:meta:<key>`` - a Hash with the fragment's audio format and size, written in the same
-  MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
-* ``P voxcore:prev:<key>`` - the previous version of an overwritten list, kept for a short grace
+* ``P voxcore:meta:{P<key>}`` - a Hash with the fragment's audio format and size, written in the
+  same MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
+* ``P voxcore:prev:{P<key>}`` - the previous version of an overwritten list, kept for a short grace
   period so that a streaming reader that started on it can finish on it.
+
+The braces are a Redis Cluster hash tag: the three keys of a fragment hash to one slot, so the
+MULTI/EXEC writes and the Lua read work in a cluster (see ``keyspace``; a key that has its own tag
+keeps it). Format hashes written before this layout (``P voxcore:meta:<key>``) are still read.
 
 ``voxcore:*`` is reserved: the public methods refuse such keys. How each call is bounded, retried
 (never for writes), logged and cancelled is :class:`~voxcore.adapters.redis.guard.RedisGuard`'s job.
@@ -16,16 +20,17 @@ Storage layout (``P`` is the optional key prefix for a shared Redis, see ``keys.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar, cast
 
-import redis.asyncio as redis
 from redis import exceptions as redis_exc
 
-from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.config import RedisClient, RedisConfig
 from voxcore.adapters.redis.guard import Failure, RedisGuard
+from voxcore.adapters.redis.keyspace import Keyspace
 from voxcore.adapters.redis.stream import READ_REST_LUA, READ_REST_SHA, RedisAudioStream, RestResult
 from voxcore.adapters.redis.wav_file import MAX_WAV_BYTES, WavPathError, read_wav_file
 from voxcore.core.domain import keys
@@ -43,8 +48,31 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_META = keys.INTERNAL_NAMESPACE + ":meta:"
-_PREV = keys.INTERNAL_NAMESPACE + ":prev:"
+# The write transaction of a fragment as one script, for Redis Cluster: redis-py's asyncio cluster
+# pipeline runs every queued command of a MULTI in a thread with an event loop of its own (and
+# re-reads the slot map from there after a failover), so in cluster mode the three keys of a
+# fragment (one hash slot) are written by this script instead - atomic in the same way.
+# KEYS: fragment, meta, prev. ARGV: prev grace (ms), TTL (ms, '' for none), the number N of meta
+# hash arguments, N field/value arguments, then the chunks (RPUSHed in slices: Lua's unpack() has a
+# stack limit of a few thousand values).
+_WRITE_LUA: Final = """
+redis.pcall('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+local nmeta = tonumber(ARGV[3])
+local first, last = 4 + nmeta, #ARGV
+if last < first then return 0 end
+for i = first, last, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, last)))
+end
+if nmeta > 0 then redis.call('HSET', KEYS[2], unpack(ARGV, 4, 3 + nmeta)) end
+if ARGV[2] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if nmeta > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+end
+return last - first + 1
+"""
+_WRITE_SHA: Final = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
 _EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
 #: Default per-call deadline of reads on the audio path, and of everything else small.
@@ -83,7 +111,8 @@ class RedisCacheManager(AbstractAudioCache):
         extra_namespaces: Key namespaces accepted besides ``static``, ``tts`` and ``summary``.
 
     Raises:
-        ValueError: an argument is out of range (the prefix message says which rule it breaks).
+        ValueError: an argument is out of range (the prefix message says which rule it breaks), or
+            ``key_prefix`` has braces that form no cluster hash tag.
     """
 
     def __init__(
@@ -114,12 +143,13 @@ class RedisCacheManager(AbstractAudioCache):
         except DomainError as exc:
             raise ValueError(str(exc)) from None
         self._config = config
+        self._keys = Keyspace(self._prefix, cluster=config.mode == "cluster")
         self._tts_ttl_ms = tts_ttl_seconds * 1000
         self._first_batch = stream_first_batch
         self._prev_grace_ms = prev_grace_seconds * 1000
         self._clock = clock
         self._bulk_timeout_s = bulk_timeout_ms / 1000
-        self._redis: redis.Redis | None = None
+        self._redis: RedisClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._guard = RedisGuard(
             component="cache",
@@ -238,7 +268,8 @@ class RedisCacheManager(AbstractAudioCache):
         if not self._check_key("get_audio_chunks", key):
             return None
         started = time.perf_counter()
-        chunks = await self._run("get_audio_chunks", key, lambda r: r.lrange(self._prefix + key, 0, -1))
+        full = self._keys.key(key)
+        chunks = await self._run("get_audio_chunks", key, lambda r: r.lrange(full, 0, -1))
         if isinstance(chunks, Failure):
             if raise_on_outage and chunks.outage:
                 raise CacheUnavailableError(chunks.error, op="get_audio_chunks", key=key)
@@ -295,7 +326,16 @@ class RedisCacheManager(AbstractAudioCache):
         """The format stored with the fragment, or ``None`` (unknown format, missing key, failure)."""
         if not self._check_key("get_audio_format", key):
             return None
-        fields = await self._run("get_audio_format", key, lambda r: r.hgetall(self._prefix + _META + key))
+        try:
+            meta = self._keys.meta(key)
+        except DomainError as exc:
+            self._refuse("get_audio_format", key, str(exc))
+            return None
+        fields = await self._run("get_audio_format", key, lambda r: r.hgetall(meta))
+        if not fields and not isinstance(fields, Failure) and self._config.mode != "cluster":
+            # A fragment stored before the cluster-safe layout keeps its format at the old key.
+            legacy = self._keys.legacy_meta(key)
+            fields = await self._run("get_audio_format", key, lambda r: r.hgetall(legacy))
         if isinstance(fields, Failure) or not fields:
             return None
         try:
@@ -402,7 +442,9 @@ class RedisCacheManager(AbstractAudioCache):
         result = await self._run(
             "set_text",
             key,
-            lambda r: r.execute_command("SETEX", self._prefix + key, ttl_seconds, payload),  # type: ignore[no-untyped-call]
+            lambda r: r.execute_command(  # type: ignore[no-untyped-call,unused-ignore]
+                "SETEX", self._prefix + key, ttl_seconds, payload
+            ),
         )
         return not isinstance(result, Failure)
 
@@ -461,17 +503,23 @@ class RedisCacheManager(AbstractAudioCache):
                 kept=MAX_CHUNKS,
             )
             audio_chunks = audio_chunks[:MAX_CHUNKS]
+        try:
+            full, meta, prev = self._keys.key(key), self._keys.meta(key), self._keys.prev(key)
+        except DomainError as exc:
+            return self._refuse(op, key, str(exc))
+        # On one server, also drop a format hash left at the pre-cluster-layout key.
+        stale = (self._keys.legacy_meta(key),) if self._config.mode != "cluster" else ()
         started = time.perf_counter()
-        full, meta, prev = self._prefix + key, self._prefix + _META + key, self._prefix + _PREV + key
         ttl_ms = self._tts_ttl_ms if keys.is_tts(key) else None
 
-        async def transaction(r: redis.Redis) -> list[Any]:
+        async def transaction(r: RedisClient) -> list[Any]:
             pipe = r.pipeline(transaction=True)
             # Keep the version being replaced readable for streams opened on it. RENAME fails on a
             # missing key; inside MULTI that error is just the first reply and aborts nothing.
-            pipe.rename(full, prev)
+            # (execute_command: the cluster pipeline blocks its multi-key helpers even in a transaction)
+            pipe.execute_command("RENAME", full, prev)
             pipe.pexpire(prev, self._prev_grace_ms)
-            pipe.delete(full, meta)
+            pipe.delete(full, meta, *stale)
             if audio_chunks:
                 pipe.rpush(full, *audio_chunks)
                 if audio_format is not None:
@@ -483,7 +531,24 @@ class RedisCacheManager(AbstractAudioCache):
                         pipe.pexpire(meta, ttl_ms)
             return await pipe.execute(raise_on_error=False)
 
-        replies = await self._run(op, key, transaction, timeout_s=self._bulk_timeout_s, idempotent=False)
+        async def script(r: RedisClient) -> list[Any]:
+            meta_args: list[Any] = []
+            if audio_format is not None and audio_chunks:
+                fields = {**audio_format.to_fields(), "chunks": str(len(audio_chunks))}
+                meta_args = [part for item in fields.items() for part in item]
+            args = (self._prev_grace_ms, "" if ttl_ms is None else ttl_ms, len(meta_args), *meta_args)
+            await r.evalsha(_WRITE_SHA, 3, full, meta, prev, *args, *audio_chunks)
+            return [None]  # the script raises on an error: no per-command replies to check
+
+        cluster = self._config.mode == "cluster"
+        replies = await self._run(
+            op,
+            key,
+            script if cluster else transaction,
+            timeout_s=self._bulk_timeout_s,
+            idempotent=False,
+            script=_WRITE_LUA if cluster else None,
+        )
         if isinstance(replies, Failure):
             if replies.uncertain:
                 emit(
@@ -524,19 +589,20 @@ class RedisCacheManager(AbstractAudioCache):
         Returns ``(1, tail)`` from the current list, ``(2, tail)`` from the retained previous
         version, ``(0, [])`` when neither starts with ``head``, or ``None`` on a soft failure.
         """
-        full, prev, n = self._prefix + key, self._prefix + _PREV + key, len(head)
+        full, prev, n = self._keys.key(key), self._keys.prev(key), len(head)
 
-        async def snapshot(r: redis.Redis) -> list[Any]:
+        async def snapshot(r: RedisClient) -> list[Any]:
             pipe = r.pipeline(transaction=True)
             pipe.lrange(full, 0, n - 1)
             pipe.lrange(full, n, -1)
             return await pipe.execute()
 
-        fast = await self._run("open_audio_stream", key, snapshot, timeout_s=self._bulk_timeout_s)
-        if isinstance(fast, Failure):
-            return None
-        if fast[0] == head:
-            return 1, fast[1]
+        if self._config.mode != "cluster":  # cluster: no MULTI (see _WRITE_LUA), the script below
+            fast = await self._run("open_audio_stream", key, snapshot, timeout_s=self._bulk_timeout_s)
+            if isinstance(fast, Failure):
+                return None
+            if fast[0] == head:
+                return 1, fast[1]
         result = await self._run(
             "open_audio_stream",
             key,
@@ -559,7 +625,7 @@ class RedisCacheManager(AbstractAudioCache):
         self,
         op: str,
         key: str,
-        call: Callable[[redis.Redis], Awaitable[T]],
+        call: Callable[[RedisClient], Awaitable[T]],
         *,
         script: str | None = None,
         timeout_s: float | None = None,

@@ -28,10 +28,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
-import redis.asyncio as redis
 from opentelemetry import metrics
 from redis import exceptions as redis_exc
 
+from voxcore.adapters.redis.config import RedisClient, SlotMapGate
 from voxcore.core.domain.resilience import OPEN, CircuitBreaker
 from voxcore.events import emit
 
@@ -44,8 +44,18 @@ FailureReason: TypeAlias = Literal[
 ]
 
 # Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
-# (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
-CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+# (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed. In a cluster, a
+# slot without a reachable primary (CLUSTERDOWN, a slot not covered while a replica is promoted) is
+# an outage of that shard too.
+CONNECTION_ERRORS: Final = (
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    OSError,
+    redis_exc.ClusterDownError,
+    redis_exc.SlotNotCoveredError,
+)
+# The server answered (it is up, the command was wrong), or the cluster client refused the command.
+ANSWERED_ERRORS: Final = (redis_exc.RedisError, redis_exc.RedisClusterException)
 
 _meter = metrics.get_meter("voxcore.redis")
 _FAILED_OPS = _meter.create_counter(
@@ -203,6 +213,8 @@ class RedisGuard:
         self._slots = Slots(max_in_flight) if max_in_flight else None
         self._log_limit = _RateLimitedLog(clock, burst=log_burst)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gate: SlotMapGate | None = None
+        self._gate_client: object = None
         self._last_error = ""
         self._attributes = {"component": component}
         #: Failed operations by reason since start (the metric's in-process twin, for tools and tests).
@@ -212,10 +224,10 @@ class RedisGuard:
 
     async def run(
         self,
-        client: redis.Redis | None,
+        client: RedisClient | None,
         op: str,
         key: str,
-        call: Callable[[redis.Redis], Awaitable[T]],
+        call: Callable[[RedisClient], Awaitable[T]],
         *,
         timeout_s: float | None = None,
         idempotent: bool = True,
@@ -278,8 +290,8 @@ class RedisGuard:
 
     async def _attempt(
         self,
-        client: redis.Redis,
-        call: Callable[[redis.Redis], Awaitable[T]],
+        client: RedisClient,
+        call: Callable[[RedisClient], Awaitable[T]],
         ends_at: float,
         idempotent: bool,
         script: str | None,
@@ -297,7 +309,7 @@ class RedisGuard:
                 try:
                     phase = "call"
                     try:
-                        return await call(client)
+                        return await self._gate_for(client).run(lambda: call(client))
                     except redis_exc.NoScriptError:
                         if script is None:
                             raise
@@ -315,12 +327,25 @@ class RedisGuard:
             # Refused or unreachable while connecting: nothing was sent, so nothing can have run.
             sent = "connecting" not in text.lower()
             return Failure("connection", text, uncertain=sent and not idempotent)
-        except redis_exc.RedisError as exc:
+        except ANSWERED_ERRORS as exc:
             return Failure("error", _describe(exc))
+        except Exception as exc:
+            # A client-side breakage (redis-py's cluster client can raise AttributeError on a
+            # connection torn down while its slot map is re-read during a failover): soft, and an
+            # outage for the breaker, which spares the callers until a probe succeeds.
+            return Failure("connection", _describe(exc), uncertain=not idempotent)
+
+    def _gate_for(self, client: RedisClient) -> SlotMapGate:
+        """One gate per client: a cluster client's slot map is (re)read by one call at a time."""
+        gate = self._gate
+        if gate is None or self._gate_client is not client:
+            gate = self._gate = SlotMapGate(client)
+            self._gate_client = client
+        return gate
 
     # -- breaker -----------------------------------------------------------------------------------
 
-    def _fast_fail(self, client: redis.Redis, op: str, key: str) -> Failure:
+    def _fast_fail(self, client: RedisClient, op: str, key: str) -> Failure:
         breaker = self.breaker
         now = self._clock()
         if breaker.allow(now):
@@ -332,7 +357,7 @@ class RedisGuard:
         retry_ms = round(breaker.retry_in(now) * 1000, 1)
         return Failure("circuit_open", f"Redis unavailable (circuit open; next probe in {retry_ms} ms)")
 
-    async def _probe(self, client: redis.Redis) -> None:
+    async def _probe(self, client: RedisClient) -> None:
         """The breaker's trial call: close it if Redis answers, reopen it (longer) if not."""
         try:
             async with asyncio.timeout(self.op_timeout_s):
@@ -340,7 +365,7 @@ class RedisGuard:
         except asyncio.CancelledError:
             self.breaker.release_trial()
             raise
-        except (*CONNECTION_ERRORS, redis_exc.RedisError, TimeoutError) as exc:
+        except (*CONNECTION_ERRORS, *ANSWERED_ERRORS, TimeoutError) as exc:
             self.breaker.record_failure(self._clock())
             self._last_error = _describe(exc) if not isinstance(exc, TimeoutError) else "probe timed out"
         else:

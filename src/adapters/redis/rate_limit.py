@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from voxcore.adapters.redis.guard import Failure, RedisGuard
 from voxcore.core.domain.keys import MAX_KEY_LENGTH
@@ -101,7 +102,7 @@ class RedisRateLimiter(RateLimiter):
 
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client: redis.Redis | RedisCluster,
         *,
         limit: int,
         period_s: float,
@@ -158,6 +159,8 @@ class RedisRateLimiter(RateLimiter):
         # "Too many connections", which is an overload, not an outage; callers queue instead.
         pool = getattr(redis_client, "connection_pool", None)
         pool_size: object = getattr(pool, "max_connections", None)
+        if isinstance(redis_client, RedisCluster):  # a pool per node, each of this size
+            pool_size = redis_client.get_connection_kwargs().get("max_connections")
         self._guard = RedisGuard(
             component="rate_limit",
             target=_describe_pool(pool),
@@ -261,7 +264,10 @@ class RedisRateLimiter(RateLimiter):
             _COST_ARGS[cost] if cost < len(_COST_ARGS) else cost,
         )
 
-        async def script(client: redis.Redis) -> int:
+        async def script(client: redis.Redis | RedisCluster) -> int:
+            if isinstance(client, RedisCluster):
+                # One node per key slot; the cluster client follows MOVED/ASK and failovers itself.
+                return int(await client.evalsha(*args))  # type: ignore[misc,unused-ignore]
             pool = client.connection_pool
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:

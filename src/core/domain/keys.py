@@ -30,6 +30,8 @@ MAX_PREFIX_LENGTH = 128
 #: The rate limiter's default namespace (its keys share the prefix with the cache's).
 RATE_LIMIT_NAMESPACE = "ratelimit"
 _SEGMENT = re.compile(r"[A-Za-z0-9_.\-]+")
+# A prefix segment may also hold braces: a Redis Cluster hash tag (``{tenant}:``), checked by the adapter.
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9_.\-{}]+")
 
 
 def static_key(name: str) -> str:
@@ -133,8 +135,9 @@ def check_namespaces(names: Iterable[str]) -> tuple[str, ...]:
 def check_key_prefix(prefix: object, namespaces: Iterable[str] = NAMESPACES) -> str:
     """Return ``prefix`` when it is a usable key prefix: ``""`` or segments each ending with ``:``.
 
-    Each segment is ``A-Za-z0-9_.-`` characters and is not a namespace name (nor ``voxcore``), so
-    a prefixed key can always be split back into prefix and key (see the module docstring).
+    Each segment is ``A-Za-z0-9_.-`` characters (braces too, for a Redis Cluster hash tag such as
+    ``{tenant}:``) and is not a namespace name (nor ``voxcore``), so a prefixed key can always be
+    split back into prefix and key (see the module docstring).
 
     Raises:
         InvalidKeyError: the prefix breaks one of these rules; the message says which.
@@ -149,7 +152,7 @@ def check_key_prefix(prefix: object, namespaces: Iterable[str] = NAMESPACES) -> 
         raise InvalidKeyError(f"key prefix {prefix!r} must end with ':' (e.g. 'tenant1:')")
     reserved = {INTERNAL_NAMESPACE, RATE_LIMIT_NAMESPACE, *namespaces}
     for segment in prefix[:-1].split(":"):
-        if not _SEGMENT.fullmatch(segment):
+        if not _PREFIX_SEGMENT.fullmatch(segment):
             raise InvalidKeyError(
                 f"key prefix {prefix!r}: segment {segment!r} must be 1+ characters of A-Za-z0-9_.-"
             )
