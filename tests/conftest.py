@@ -127,7 +127,11 @@ async def cache(
     redis_target: RedisDeployment, key_prefix: str, raw_redis: redis.Redis
 ) -> AsyncIterator[RedisCacheManager]:
     """A connected ``RedisCacheManager`` whose keys live under the test's prefix."""
-    manager = RedisCacheManager(redis_target.config(), key_prefix=key_prefix, tts_ttl_seconds=3600)
+    # A generous per-call deadline: the suite may share a loaded machine; the 200 ms default and
+    # what a missed deadline does are tested in test_faults_redis.py with their own caches.
+    manager = RedisCacheManager(
+        redis_target.config(), key_prefix=key_prefix, tts_ttl_seconds=3600, op_timeout_ms=1000
+    )
     await manager.connect()
     try:
         yield manager

@@ -149,6 +149,11 @@ class RedisCacheManager(AbstractAudioCache):
         self._prev_grace_ms = prev_grace_seconds * 1000
         self._clock = clock
         self._bulk_timeout_s = bulk_timeout_ms / 1000
+        # connect()/ping() are start-up and tooling calls, not the audio path: a cold process's first
+        # connection (imports, TCP, AUTH, CLIENT SETNAME) may take longer than a read's deadline.
+        self._startup_timeout_s = max(
+            op_timeout_ms / 1000, config.socket_connect_timeout + config.socket_timeout
+        )
         self._redis: RedisClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._guard = RedisGuard(
@@ -224,8 +229,12 @@ class RedisCacheManager(AbstractAudioCache):
                 self._guard.log_error("close", "", exc)
 
     async def ping(self) -> bool:
-        """True when Redis answers PING now (goes through the breaker like any call)."""
-        result = await self._run("ping", "", lambda r: r.ping())
+        """True when Redis answers PING now (through the breaker like any call).
+
+        Its deadline is the connection's (``socket_connect_timeout + socket_timeout``), not the
+        read deadline: it is how tools and ``connect()`` find out whether Redis is there at all.
+        """
+        result = await self._run("ping", "", lambda r: r.ping(), timeout_s=self._startup_timeout_s)
         return not isinstance(result, Failure) and bool(result)
 
     # -- audio ----------------------------------------------------------------------------------
