@@ -97,16 +97,16 @@ def start_app(redis_url: str, simulator: OpenAISimulator, log: Path) -> App:
 CLEAN_EXIT = (0, -signal.SIGTERM)
 
 
-async def stop_app(app: App, timeout: float = 60) -> int:
+async def stop_app(app: App, within_s: float = 60) -> int:
     """SIGTERM, then wait for the exit without blocking the loop (the simulator serves in it)."""
     if app.proc.poll() is None:
         app.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while app.proc.poll() is None:
         if time.monotonic() > deadline:
             app.proc.kill()
             app.proc.wait()
-            raise AssertionError(f"the app did not stop within {timeout} s:\n{app.stderr()[-3000:]}")
+            raise AssertionError(f"the app did not stop within {within_s} s:\n{app.stderr()[-3000:]}")
         await asyncio.sleep(0.05)
     return app.proc.returncode
 
