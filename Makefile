@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python $(SOURCES)
-	$(BIN)/python -m pip install --quiet -e ".[test,otel]" --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e ".[test,otel,web]" --config-settings editable_mode=strict
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,7 @@ VENV313 := .venv313
 $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 	test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV313)/bin/python -m pip install --quiet -e ".[test,otel]" --config-settings editable_mode=strict
+	$(VENV313)/bin/python -m pip install --quiet -e ".[test,otel,web]" --config-settings editable_mode=strict
 	@touch $@
 
 test-py313: $(VENV313)/.voxcore-installed

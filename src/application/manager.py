@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -16,7 +17,9 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from voxcore.application.context import LLMContext
+from voxcore.application.dialogue import DialogueRecorder
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.live_events import CallEvents
 from voxcore.core.domain.keys import session_hash, summary_key
 from voxcore.core.domain.models import (
     ConversationHistory,
@@ -148,6 +151,8 @@ class ConversationManager(AbstractConversationManager):
         clock: Monotonic seconds, for the durations in events.
         tracer: OpenTelemetry tracer (default: the ``voxcore.conversation`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.conversation`` one).
+        dialogue: Writes completed turns to the dialogue cache in the background (``None``: not kept).
+        events: Publishes the call's live events (``None``: none).
 
     Raises:
         ValueError: an empty model name or unsafe reply, or a non-positive TTL or token budget.
@@ -171,6 +176,8 @@ class ConversationManager(AbstractConversationManager):
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
+        dialogue: DialogueRecorder | None = None,
+        events: CallEvents | None = None,
     ) -> None:
         for name, value in (("main_model", main_model), ("summary_model", summary_model)):
             if not value:
@@ -198,6 +205,8 @@ class ConversationManager(AbstractConversationManager):
         self._open_turn_index: int | None = None  # the turn whose generator is still open
         self._closed = False
         self._last_metrics: TurnMetrics | None = None
+        self._dialogue = dialogue
+        self._events = events
         if dual_context.summarizer is None:
             dual_context.bind_summarizer(self.summarize)
 
@@ -232,6 +241,16 @@ class ConversationManager(AbstractConversationManager):
     def session_hash(self) -> str:
         """The 16-hex hash of the session id (what logs and spans show)."""
         return self._session_hash
+
+    @property
+    def dialogue(self) -> DialogueRecorder | None:
+        """The writer of this call's turns to the dialogue cache, if kept."""
+        return self._dialogue
+
+    @property
+    def events(self) -> CallEvents | None:
+        """This call's live events (a host adds its own, e.g. ``audio_started``), if published."""
+        return self._events
 
     # -- turns -----------------------------------------------------------------------------------------
 
@@ -291,6 +310,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.parts = [self._unsafe_reply]
                         turn.spoken = True
                         turn.chunks += 1
+                        if self._events is not None:
+                            self._events.answer_delta(self._unsafe_reply)
                         yield LLMStreamChunk(
                             text_chunk=self._unsafe_reply,
                             is_safe=False,
@@ -308,6 +329,8 @@ class ConversationManager(AbstractConversationManager):
                     if out.text_chunk:
                         turn.parts.append(out.text_chunk)
                         turn.spoken = True
+                        if self._events is not None:
+                            self._events.answer_delta(out.text_chunk)
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -347,6 +370,10 @@ class ConversationManager(AbstractConversationManager):
         emit(logger, "user_turn_start", turn=turn.index, ratio=turn.ratio_before)
         dual.begin_turn()
         turn.user_message = dual.active_context.append(user_message)
+        if self._events is not None:
+            self._events.turn_started(turn.index, user_message["content"])
+            if dual.handovers != turn.handovers_before and dual.last_handover is not None:
+                self._events.handover(**dataclasses.asdict(dual.last_handover))
         dual.after_message()  # may start a warm-up task; never awaited here
         context = dual.active_context
         prompt = context.build_prompt()
@@ -364,8 +391,18 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.client_ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
-        self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
+        answer = self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
         self._dual.after_message()
+        if self._dialogue is not None and turn.user_message is not None:
+            self._record(
+                (turn.user_message, answer),
+                {
+                    "turn": turn.index,
+                    "time_to_first_token_ms": turn.ttft_ms,
+                    "response_total_ms": turn.total_ms,
+                    "unsafe": turn.unsafe,
+                },
+            )
 
     def _finish(self, turn: _Turn, span: trace.Span) -> TurnMetrics:
         ratio_after = self._dual.active_context.estimate_usage_ratio()
@@ -392,7 +429,10 @@ class ConversationManager(AbstractConversationManager):
         span.set_attribute("voxcore.context.ratio_after", ratio_after)
         span.set_attribute("voxcore.turn.handover", handover_ms is not None)
         span.set_attribute("voxcore.turn.unsafe", turn.unsafe)
-        return self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        metrics = self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        if self._events is not None:
+            self._events.turn_finished(dataclasses.asdict(metrics))
+        return metrics
 
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
         """End a turn that did not complete: roll it back as documented, log and record why."""
@@ -434,6 +474,21 @@ class ConversationManager(AbstractConversationManager):
             span.set_status(Status(StatusCode.ERROR, f"{error_type}: {exc}"))
         self._last_metrics = self._metrics(
             turn, outcome, ratio_after, self._ms_since(turn.started), handover_ms, rolled_back, error_type
+        )
+        if turn.user_message is not None and not rolled_back and self._dialogue is not None:
+            # The user message stays in the context (the caller heard part of an answer): keep it.
+            self._record((turn.user_message,), {"turn": turn.index, "outcome": outcome})
+        if self._events is not None:
+            if error_type is not None:
+                self._events.error(error_type, str(exc))
+            self._events.turn_finished(dataclasses.asdict(self._last_metrics))
+
+    def _record(self, messages: tuple[ConversationMessage, ...], figures: dict[str, Any]) -> None:
+        """Hand the messages the active context kept to the dialogue cache's background writer."""
+        assert self._dialogue is not None
+        context = self._dual.active_context
+        self._dialogue.record(
+            messages, history_length=context.message_count, summary=context.summary, figures=figures
         )
 
     def _metrics(
@@ -526,6 +581,8 @@ class ConversationManager(AbstractConversationManager):
             records = decode_records(text) if text is not None else ()
             cached = find_covering(records, digest=digest, messages=messages)
             span.set_attribute("voxcore.summary_cache.hit", cached is not None)
+            if self._events is not None:
+                self._events.summary_cache(hit=cached is not None, messages=messages)
             emit(
                 logger,
                 "summary_cache_check",
@@ -564,8 +621,14 @@ class ConversationManager(AbstractConversationManager):
         try:
             await self._dual.shutdown()
         finally:
-            await self._connection_manager.shutdown()
-            emit(logger, "manager_shutdown", turns=self._turns)
+            try:
+                await self._connection_manager.shutdown()
+            finally:
+                if self._dialogue is not None:
+                    await self._dialogue.aclose()  # pending turns are written first (bounded wait)
+                if self._events is not None:
+                    self._events.call_ended(turns=self._turns)
+                emit(logger, "manager_shutdown", turns=self._turns)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,14 +33,19 @@ from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.dialogue import RedisDialogueStore
+from voxcore.adapters.redis.live_events import RedisEventHub, RedisEventStreams, RedisLiveEventPublisher
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.context import LLMContext
+from voxcore.application.dialogue import DialogueRecorder, restore_dialogue
 from voxcore.application.dual_context import DualContextController
 from voxcore.application.hybrid import HybridResponder
+from voxcore.application.live_events import CallEvents
 from voxcore.application.manager import ConversationManager
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
+from voxcore.core.domain.live_events import operator_token, session_token
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
@@ -50,6 +56,9 @@ from voxcore.entrypoints.manifest import read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+from voxcore.events import emit
+
+log = logging.getLogger("voxcore.container")
 
 
 def redis_config_from(settings: Settings) -> RedisConfig:
@@ -126,22 +135,164 @@ def dual_policy_from(settings: Settings) -> DualContextPolicy:
 
 async def open_conversation(
     session_id: str,
+    resume: bool = False,
     *,
     connection_factory: Callable[[], OpenAIConnectionManager],
     manager_factory: Callable[..., ConversationManager],
+    context_factory: Callable[..., LLMContext],
+    dual_factory: Callable[..., DualContextController],
+    settings: Settings,
+    dialogue_store: Any = None,
+    publisher: Any = None,
 ) -> ConversationManager:
     """Build one call's conversation with its connection already open and warm.
 
     The handshake happens here, before the first turn, so the first turn is as fast as the rest.
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
+
+    With ``resume=True`` the active context (summary + recent turns) is restored from the dialogue
+    cache, exactly as stored; a corrupt, foreign-version or unreadable record is refused with one
+    log line and the call starts fresh. Without it (or when nothing is stored) the conversation
+    starts empty and its first write replaces whatever the cache held for ``session_id``.
     """
+    store = await _resolved(dialogue_store)
+    events_publisher = await _resolved(publisher)
+    restored = await restore_dialogue(store, session_id) if resume and store is not None else None
     connection = connection_factory()
     await connection.start()
     try:
-        return manager_factory(session_id=session_id, connection_manager=connection)
+        extra: dict[str, Any] = {}
+        if restored is not None:
+            active = context_factory(history=restored.history, summary=restored.summary)
+            extra["dual_context"] = dual_factory(active=active)
+        if store is not None:
+            d = settings.dialogue
+            extra["dialogue"] = DialogueRecorder(
+                store=store,
+                session_id=session_id,
+                first_seq=restored.last_seq + 1 if restored is not None else 1,
+                replace=restored is None,
+                max_pending=d.max_messages,
+                drain_timeout_s=d.drain_timeout_s,
+            )
+        events = None
+        if events_publisher is not None:
+            events = CallEvents(
+                publisher=events_publisher, session_id=session_id, coalesce_ms=settings.events.coalesce_ms
+            )
+            extra["events"] = events
+        manager = manager_factory(session_id=session_id, connection_manager=connection, **extra)
     except BaseException:
         await connection.shutdown()
         raise
+    if events is not None:
+        events.call_started(
+            resumed=restored is not None,
+            restored_messages=len(restored.history) if restored is not None else 0,
+            model=settings.llm.models.main,
+        )
+    return manager
+
+
+async def _resolved(value: Any) -> Any:
+    """An async ``Resource`` injected into a ``Coroutine`` provider arrives as an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def events_secret_from(settings: Settings) -> str:
+    """``events.secret``, or a random one for this process (logged: tokens then work in this process only)."""
+    if settings.events.secret is not None and settings.events.secret.get_secret_value():
+        return settings.events.secret.get_secret_value()
+    emit(
+        log,
+        "events_secret_generated",
+        logging.WARNING,
+        reason="events.secret is not set (VOXCORE_EVENTS__SECRET): a random secret for this process; "
+        "tokens made by other processes will not open its events",
+    )
+    return secrets.token_hex(32)
+
+
+def event_streams_from(settings: Settings, client: Any, blocking_client: Any = None) -> RedisEventStreams:
+    """The Redis commands of the live events, with the settings' caps and TTL."""
+    e = settings.events
+    return RedisEventStreams(
+        client,
+        blocking_client,
+        key_prefix=settings.cache.key_prefix,
+        maxlen=e.stream_maxlen,
+        ttl_seconds=e.stream_ttl_seconds,
+        index_maxlen=e.index_maxlen,
+    )
+
+
+@asynccontextmanager
+async def dialogue_store(settings: Settings, client: Any) -> AsyncIterator[RedisDialogueStore | None]:
+    """The dialogue cache when ``dialogue.enabled``, else ``None``."""
+    d = settings.dialogue
+    if not d.enabled:
+        yield None
+        return
+    yield RedisDialogueStore(
+        client, ttl_seconds=d.ttl_seconds, max_messages=d.max_messages, key_prefix=settings.cache.key_prefix
+    )
+
+
+@asynccontextmanager
+async def event_publisher(settings: Settings, client: Any) -> AsyncIterator[RedisLiveEventPublisher | None]:
+    """The live events publisher when ``events.enabled`` (drained at shutdown), else ``None``."""
+    e = settings.events
+    if not e.enabled:
+        yield None
+        return
+    publisher = RedisLiveEventPublisher(
+        event_streams_from(settings, client),
+        queue_size=e.queue_size,
+        batch_size=e.batch_size,
+        drain_timeout_s=e.drain_timeout_s,
+    )
+    try:
+        yield publisher
+    finally:
+        await publisher.aclose()
+
+
+def blocking_redis_config(settings: Settings, config: RedisConfig) -> RedisConfig:
+    """The pub/sub pool's config: a socket timeout longer than one blocking read (redis-py issue 2807),
+    no transparent retry (a dropped connection must be seen, so subscribers replay what it missed)."""
+    block = settings.events.read_block_s
+    return RedisConfig(
+        host=config.host,
+        port=config.port,
+        db=config.db,
+        password=config.password,
+        url=config.url,
+        socket_timeout=block + max(config.socket_timeout, 1.0) + 2.0,
+        socket_connect_timeout=config.socket_connect_timeout,
+        max_connections=2,
+        pool_timeout=config.pool_timeout,
+        retries=0,
+        health_check_interval=config.health_check_interval,
+        client_name="voxcore-events",
+    )
+
+
+@asynccontextmanager
+async def event_hub(settings: Settings, config: RedisConfig, client: Any) -> AsyncIterator[RedisEventHub]:
+    """The process's reader of live events (connects at its first subscriber); closed at shutdown."""
+    blocking = blocking_redis_config(settings, config).build()
+    e = settings.events
+    hub = RedisEventHub(
+        event_streams_from(settings, client, blocking),
+        read_block_s=e.read_block_s,
+        reconnect_grace_s=e.reconnect_grace_s,
+        retry_ms=e.retry_ms,
+    )
+    try:
+        yield hub
+    finally:
+        await hub.aclose()
+        await blocking.aclose()
 
 
 def agent_voice(agent: AgentVoice) -> AgentVoiceSettings:
@@ -334,6 +485,12 @@ class Container(containers.DeclarativeContainer):
         open_hybrid_responder: ``await container.open_hybrid_responder()`` -> a
             ``HybridResponder`` with ``voice.hybrid``'s voice; ``await responder.shutdown()``
             drains its background cache writes.
+        dialogue_store: The dialogue cache (``RedisDialogueStore``; ``None`` when disabled);
+            ``open_conversation(session_id, resume=True)`` restores a call from it.
+        event_publisher: The live events publisher (``None`` when disabled); drained at shutdown.
+        event_hub: The process's one pub/sub reader of live events (what ``voxcore serve`` reads).
+        event_token: ``container.event_token(session_id)`` -> the token that opens that call's events.
+        operator_token: ``container.operator_token()`` -> the token that opens every call's events.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -380,16 +537,30 @@ class Container(containers.DeclarativeContainer):
         summary_max_tokens=settings.provided.summary.max_output_tokens,
         unsafe_reply=settings.provided.llm.unsafe_reply,
     )
+
+    # Dialogue cache and live events
+    redis_client = providers.Resource(redis_client, redis_config)
+    dialogue_store = providers.Resource(dialogue_store, settings, redis_client)
+    event_publisher = providers.Resource(event_publisher, settings, redis_client)
+    event_hub = providers.Resource(event_hub, settings, redis_config, redis_client)
+    events_secret = providers.Singleton(events_secret_from, settings)
+    event_token = providers.Callable(session_token, events_secret)
+    operator_token = providers.Callable(operator_token, events_secret)
+
     open_conversation = providers.Coroutine(
         open_conversation,
         connection_factory=connection_manager.provider,
         manager_factory=conversation_manager.provider,
+        context_factory=llm_context.provider,
+        dual_factory=dual_context.provider,
+        settings=settings,
+        dialogue_store=dialogue_store,
+        publisher=event_publisher,
     )
 
     # Speech
     audio_converter = providers.Singleton(SoxrAudioConverter)
     tts_engines = providers.Resource(tts_engines, settings)
-    redis_client = providers.Resource(redis_client, redis_config)
     voice_service = providers.Resource(voice_service, settings, tts_engines, cache, redis_client)
     open_hybrid_responder = providers.Coroutine(
         open_hybrid_responder,
