@@ -99,8 +99,16 @@ class ServeProcess:
         env.pop("REDIS_URL", None)
         self._proc = subprocess.Popen(
             [
-                sys.executable, "-m", "voxcore.entrypoints.cli", "serve",
-                "--redis-url", self.redis_url, "--port", str(self.port), "--log-level", "INFO",
+                sys.executable,
+                "-m",
+                "voxcore.entrypoints.cli",
+                "serve",
+                "--redis-url",
+                self.redis_url,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "INFO",
             ],  # fmt: skip
             env=env,
             stdin=subprocess.DEVNULL,

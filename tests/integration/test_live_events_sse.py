@@ -219,7 +219,9 @@ async def test_slow_client_is_cut_without_affecting_others(
 
 
 @pytest.mark.redis_restart
-async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(tmp_path: Path, key_prefix: str) -> None:
+async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(
+    tmp_path: Path, key_prefix: str
+) -> None:
     session = "call-outage"
     server_redis = EmbeddedRedis(data_dir=tmp_path / "redis").start()  # persists across the restart
     client = RedisConfig(url=server_redis.url, retries=0, socket_timeout=1.0).build()
@@ -240,7 +242,9 @@ async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(tmp_path:
                         headers = {"Last-Event-ID": last} if last else {}
                         address = url(server, session, session_token(SECRET, session))
                         try:
-                            async with contextlib.aclosing(sse_stream(http, address, headers=headers)) as stream:
+                            async with contextlib.aclosing(
+                                sse_stream(http, address, headers=headers)
+                            ) as stream:
                                 async for item in stream:
                                     if isinstance(item, httpx.Response):
                                         assert item.status_code == 200
@@ -264,7 +268,7 @@ async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(tmp_path:
             for i in range(100):
                 publisher.publish(session, "user_text", {"turn": i})
             assert await publisher.flush(5)
-            while len(received) < 100:
+            while len(received) < 100:  # noqa: ASYNC110 (the consumer's progress, polled)
                 await asyncio.sleep(0.05)
             await asyncio.to_thread(server_redis.stop)  # SIGTERM: an RDB snapshot is written
             for i in range(100, 200):
@@ -279,7 +283,9 @@ async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(tmp_path:
             await consumer
             assert retry_hints and all(h == 1000 for h in retry_hints)
             assert [e.json()["data"]["turn"] for e in received] == list(range(300))
-            assert [e.id for e in received] == await stored_ids(client, key_prefix + events_stream_key(session))
+            assert [e.id for e in received] == await stored_ids(
+                client, key_prefix + events_stream_key(session)
+            )
     finally:
         await publisher.aclose()
         await client.aclose()

@@ -342,7 +342,8 @@ class RedisLiveEventPublisher(LiveEventPublisher):
                 reason="Redis unavailable at close",
             )
         self._queue.clear()
-        emit(log, "live_events_closed", published=self._published, dropped=self._dropped)
+        if self._published or self._dropped:
+            emit(log, "live_events_closed", published=self._published, dropped=self._dropped)
 
     async def _run(self) -> None:
         attempt = 0
