@@ -8,20 +8,36 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo test test-py313 lint typecheck unit integration bench clean
+.PHONY: install demo speech-engine test test-py313 lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python $(SOURCES)
-	$(BIN)/python -m pip install --quiet -e ".[test,otel,web]" --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e ".[dev]" --config-settings editable_mode=strict
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-demo: install
+demo: install speech-engine
 	$(BIN)/voxcore demo
+
+# The demo speaks with espeak-ng: installed from Debian where missing (as .ci/run does: one
+# apt-get update, then the package), or one clear line saying what to install.
+speech-engine:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else SUDO="none"; fi; \
+	  if [ "$$SUDO" = "none" ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make demo: espeak-ng is missing: install it (Debian/Ubuntu: apt-get install espeak-ng) and re-run" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing espeak-ng (Debian package), the demo's offline Russian voice"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null \
+	    || { echo "make demo: installing espeak-ng failed: install it (apt-get install espeak-ng) and re-run" >&2; \
+	         exit 1; }; \
+	}
 
 lint: install
 	$(BIN)/lint-imports
@@ -39,7 +55,7 @@ VENV313 := .venv313
 $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 	test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV313)/bin/python -m pip install --quiet -e ".[test,otel,web]" --config-settings editable_mode=strict
+	$(VENV313)/bin/python -m pip install --quiet -e ".[dev]" --config-settings editable_mode=strict
 	@touch $@
 
 test-py313: $(VENV313)/.voxcore-installed

@@ -1,7 +1,115 @@
 """voxcore: the low-latency core of real-time voice agents.
 
-The import package is ``voxcore`` (this folder, ``src/``, is mapped onto it). A host service normally
-needs only :class:`voxcore.entrypoints.container.Container`; see the README.
+The import package is ``voxcore`` (this folder, ``src/``, is mapped onto it). The public API, all
+importable from here (``from voxcore import Container, Settings, load_settings``):
+
+==========================  ============================================================
+``Container``               the composition root a host service builds (one per process)
+``Settings``                the validated settings model
+``load_settings``           settings from a YAML file + ``.env`` + the environment
+``CallRegistry``            ``container.calls``: one conversation per call id, a turn lock
+``ConversationManager``     one call's conversation (``container.open_conversation(...)``)
+``TurnMetrics``             the figures of one turn (``manager.last_turn_metrics``)
+``LLMStreamChunk``          one streamed piece of an answer
+``configure_logging``       voxcore's JSON log lines on a stream (hosts usually keep theirs)
+``setup_telemetry``         voxcore's own OpenTelemetry SDK set-up (never over a host's)
+``Telemetry``               what :func:`setup_telemetry` installed
+``VoxcoreError``            root of voxcore's errors; ``ConfigurationError``, ``BackendError``,
+                            ``LLMError`` (and its subclasses), ``TTSError`` below it
+``__version__``             the package version
+==========================  ============================================================
+
+Names load on first use: ``import voxcore`` costs next to nothing, and the voice stack (numpy,
+soxr) is imported only when a voice feature is used.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "Container": "voxcore.entrypoints.container",
+    "CallRegistry": "voxcore.application.calls",
+    "Settings": "voxcore.entrypoints.settings",
+    "load_settings": "voxcore.entrypoints.settings",
+    "ConversationManager": "voxcore.application.manager",
+    "TurnMetrics": "voxcore.application.manager",
+    "LLMStreamChunk": "voxcore.core.domain.models",
+    "configure_logging": "voxcore.entrypoints.logging",
+    "setup_telemetry": "voxcore.entrypoints.telemetry",
+    "Telemetry": "voxcore.entrypoints.telemetry",
+    "VoxcoreError": "voxcore.core.ports.errors",
+    "ConfigurationError": "voxcore.core.ports.errors",
+    "BackendError": "voxcore.core.ports.errors",
+    "BackendUnavailableError": "voxcore.core.ports.errors",
+    "LLMError": "voxcore.core.ports.errors",
+    "LLMAuthError": "voxcore.core.ports.errors",
+    "LLMRateLimitedError": "voxcore.core.ports.errors",
+    "LLMTimeoutError": "voxcore.core.ports.errors",
+    "LLMServerError": "voxcore.core.ports.errors",
+    "LLMProtocolError": "voxcore.core.ports.errors",
+    "TTSError": "voxcore.core.ports.errors",
+}
+
+__all__ = [
+    "__version__",
+    "Container",
+    "CallRegistry",
+    "Settings",
+    "load_settings",
+    "ConversationManager",
+    "TurnMetrics",
+    "LLMStreamChunk",
+    "configure_logging",
+    "setup_telemetry",
+    "Telemetry",
+    "VoxcoreError",
+    "ConfigurationError",
+    "BackendError",
+    "BackendUnavailableError",
+    "LLMError",
+    "LLMAuthError",
+    "LLMRateLimitedError",
+    "LLMTimeoutError",
+    "LLMServerError",
+    "LLMProtocolError",
+    "TTSError",
+]
+
+if TYPE_CHECKING:
+    from voxcore.application.calls import CallRegistry
+    from voxcore.application.manager import ConversationManager, TurnMetrics
+    from voxcore.core.domain.models import LLMStreamChunk
+    from voxcore.core.ports.errors import (
+        BackendError,
+        BackendUnavailableError,
+        ConfigurationError,
+        LLMAuthError,
+        LLMError,
+        LLMProtocolError,
+        LLMRateLimitedError,
+        LLMServerError,
+        LLMTimeoutError,
+        TTSError,
+        VoxcoreError,
+    )
+    from voxcore.entrypoints.container import Container
+    from voxcore.entrypoints.logging import configure_logging
+    from voxcore.entrypoints.settings import Settings, load_settings
+    from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'voxcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -23,6 +23,14 @@ from voxcore.core.domain.hybrid import (
     TurnOutcome,
     static_fragment_key,
 )
+from voxcore.core.domain.joins import (
+    DEFAULT_JOIN_PAUSE_MS,
+    DEFAULT_SILENCE_THRESHOLD,
+    EdgeTrimmer,
+    is_s16,
+    last_sample,
+    ramp_from,
+)
 from voxcore.core.domain.playlist import (
     PauseItem,
     Playlist,
@@ -197,6 +205,7 @@ class _Turn:
     started: float
     span: trace.Span
     parent: otel_context.Context
+    turn_started: float  # the caller's turn start (the user's turn), for time_to_first_audio_ms
     items: list[PlaylistItem] = field(default_factory=list)
     complete: bool = True  # no more items will be added
     slots: list[_Slot] = field(default_factory=list)
@@ -209,8 +218,12 @@ class _Turn:
     feeder: asyncio.Task[None] | None = None
     source_error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    first_audio_ms: float | None = None
+    first_audio_ms: float | None = None  # turn start -> first chunk
+    playlist_first_audio_ms: float | None = None  # reply start -> first chunk
     tts_ttfb_ms: float | None = None
+    last_sample: int = 0  # the last sample handed to the rechunker (joins start from it)
+    degraded: dict[int, str] = field(default_factory=dict)  # item index -> what happened
+    voices: dict[str, None] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
     converted: int = 0
@@ -277,6 +290,14 @@ class HybridResponder:
             The price is a cancelled (possibly billed) request, at most once per text that another
             process cached, since a key found once is remembered. Set False where cancelled
             requests are billed and the round trip does not matter.
+        join_pause_ms: Longest silence where a synthesized piece joins the next one: each synthesis
+            has its leading and trailing silence cut to half of it (engines add ~300 ms), with a
+            few-ms fade at its edges; and every item's start is ramped from the previous item's last
+            sample, so no join clicks. Longer pauses come only from the playlist's
+            :class:`PauseItem`. ``None`` joins the pieces exactly as they are. (Signed 16-bit PCM
+            targets only; other encodings are joined as they are.)
+        silence_threshold: Largest absolute sample value (of 32767) that counts as silence when
+            trimming.
         clock: Monotonic seconds.
         tracer: OpenTelemetry tracer (default: the ``voxcore.hybrid`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.hybrid`` one).
@@ -303,6 +324,8 @@ class HybridResponder:
         sentence_min_chars: int = 10,
         sentence_max_chars: int = 200,
         speculative_first_tts: bool = True,
+        join_pause_ms: int | None = DEFAULT_JOIN_PAUSE_MS,
+        silence_threshold: int = DEFAULT_SILENCE_THRESHOLD,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
@@ -333,6 +356,15 @@ class HybridResponder:
         self._sentence_min = sentence_min_chars
         self._sentence_max = sentence_max_chars
         self._speculative = speculative_first_tts
+        if join_pause_ms is not None and (
+            isinstance(join_pause_ms, bool) or not isinstance(join_pause_ms, int) or join_pause_ms < 0
+        ):
+            raise ValueError(f"join_pause_ms must be a non-negative int or None, got {join_pause_ms!r}")
+        # Joins are processed in signed 16-bit PCM only (every voxcore reply format); else as is.
+        self._joins = join_pause_ms is not None and is_s16(target_format)
+        self._edge_keep_ms = (join_pause_ms or 0) // 2
+        self._silence_threshold = silence_threshold
+        EdgeTrimmer(target_format, keep_ms=self._edge_keep_ms, threshold=silence_threshold)  # validates
         self._clock = clock
         self._tracer = tracer if tracer is not None else _tracer
         self._first_audio = _first_audio_histogram(meter if meter is not None else _meter)
@@ -355,6 +387,10 @@ class HybridResponder:
         return self._target
 
     @property
+    def _speaker(self) -> str:
+        return f"{self._tts.name}/{self._voice}"
+
+    @property
     def last_metrics(self) -> HybridTurnMetrics | None:
         """The numbers of the most recent reply that has ended (``None`` before the first)."""
         return self._last_metrics
@@ -371,8 +407,15 @@ class HybridResponder:
 
     # -- replies ---------------------------------------------------------------------------------------
 
-    def play(self, playlist: Playlist) -> AsyncGenerator[bytes, None]:
+    def play(
+        self, playlist: Playlist, *, turn_started_at: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """Play ``playlist``: chunks of ``target_format`` in playlist order.
+
+        ``turn_started_at`` (a reading of the responder's clock, :func:`time.perf_counter` by
+        default) is when the caller's turn began, e.g. when the user stopped speaking and the LLM
+        was asked: ``time_to_first_audio_ms`` is measured from it. Without it the turn starts now,
+        and ``time_to_first_audio_ms`` equals ``playlist_first_audio_ms``.
 
         Close the generator (``aclose``, or ``contextlib.aclosing``) to stop early (barge-in): the
         lookups still in flight are cancelled and syntheses nobody else listens to are abandoned.
@@ -386,29 +429,38 @@ class HybridResponder:
         """
         if not isinstance(playlist, Playlist):
             raise TypeError(f"play needs a Playlist, got {type(playlist).__name__}")
-        return self._run(list(playlist.items), None)
+        return self._run(list(playlist.items), None, turn_started_at)
 
-    def speak_text_stream(self, deltas: AsyncIterable[str]) -> AsyncGenerator[bytes, None]:
+    def speak_text_stream(
+        self, deltas: AsyncIterable[str], *, turn_started_at: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """Speak free answer text while it is still streaming in.
 
         The text is cut into sentences as it arrives (:class:`SentenceSplitter`); each sentence is
         a TTS item (cache first, synthesized on a miss, cached afterwards), so the first sentence is
         being synthesized while the model is still writing the next ones. An error raised by
         ``deltas`` is re-raised after the sentences completed before it have played (the unfinished
-        sentence is not spoken).
+        sentence is not spoken). ``turn_started_at``: as in :meth:`play` (by default the turn
+        starts now, so ``time_to_first_audio_ms`` includes the LLM writing the first sentence).
 
         Yields:
             ``chunk_ms`` chunks of ``target_format``.
         """
-        return self._run([], deltas)
+        return self._run([], deltas, turn_started_at)
 
     async def _run(
-        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None
+        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None, turn_started_at: float | None
     ) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise RuntimeError("the hybrid responder is shut down")
         span = self._tracer.start_span("voxcore.hybrid.playlist")
-        turn = _Turn(started=self._clock(), span=span, parent=trace.set_span_in_context(span))
+        started = self._clock()
+        turn = _Turn(
+            started=started,
+            span=span,
+            parent=trace.set_span_in_context(span),
+            turn_started=started if turn_started_at is None else min(turn_started_at, started),
+        )
         turn.items.extend(items)
         if deltas is not None:
             turn.complete = False
@@ -492,6 +544,10 @@ class HybridResponder:
                     except Exception as exc:
                         error = exc
                         break
+                if self._joins and piece:
+                    if received == 1:  # the join: no step from the previous item's last sample
+                        piece = ramp_from(turn.last_sample, piece, self._target)
+                    turn.last_sample = last_sample(piece, self._target) or 0
                 for chunk in rechunker.feed(piece):
                     self._count_chunk(turn, slot_source=feed.source)
                     yield chunk
@@ -531,8 +587,10 @@ class HybridResponder:
     def _count_chunk(self, turn: _Turn, *, slot_source: ItemSource | None) -> None:
         turn.chunks += 1
         if turn.first_audio_ms is None:
-            elapsed = self._clock() - turn.started
+            now = self._clock()
+            elapsed = now - turn.turn_started
             turn.first_audio_ms = elapsed * 1000.0
+            turn.playlist_first_audio_ms = (now - turn.started) * 1000.0
             self._first_audio.record(elapsed, {"voxcore.hybrid.first_source": slot_source or "mixed"})
 
     # -- scheduling ------------------------------------------------------------------------------------
@@ -843,6 +901,11 @@ class HybridResponder:
         # this task's own context, so nothing leaks to other tasks.
         token = otel_context.attach(trace.set_span_in_context(parent))
         stream: AsyncIterator[bytes] | None = None
+        trimmer = (
+            EdgeTrimmer(self._target, keep_ms=self._edge_keep_ms, threshold=self._silence_threshold)
+            if self._joins
+            else None
+        )
         try:
             stream = self._tts.stream_speech(request)
             async for piece in stream:
@@ -850,10 +913,17 @@ class HybridResponder:
                     continue
                 if synthesis.first_byte_at is None:
                     synthesis.first_byte_at = self._clock()
+                if trimmer is not None:
+                    piece = trimmer.feed(piece)  # leading silence dropped, trailing held back
+                    if not piece:
+                        continue
                 synthesis.add(piece)
                 # Let the listeners take the piece now: an engine with more data already buffered
                 # would otherwise go on reading (and converting) before anyone hears the first one.
                 await asyncio.sleep(0)
+            tail = trimmer.flush() if trimmer is not None else b""
+            if tail:
+                synthesis.add(tail)
             if not synthesis.pieces:
                 raise TTSError("the engine returned no audio")
         except asyncio.CancelledError:
@@ -1020,6 +1090,8 @@ class HybridResponder:
         self, turn: _Turn, slot: _Slot, feed: _Feed, error: BaseException, *, chunks: int
     ) -> None:
         turn.failed += 1
+        what = f"{slot.index}:{feed.key or feed.kind}:failed ({type(error).__name__})"
+        turn.degraded.setdefault(slot.index, what)
         emit(
             logger,
             "hybrid_item_failed",
@@ -1048,10 +1120,16 @@ class HybridResponder:
                 turn.tts_ttfb_ms = (synthesis.first_byte_at - synthesis.started_at) * 1000.0
         if feed.source == "skipped":
             turn.skipped += 1
+            turn.degraded.setdefault(slot.index, f"{slot.index}:{feed.key or feed.kind}:skipped")
         elif feed.stream is not None:
             turn.hits += 1
         elif synthesis is not None:
             turn.misses += 1
+        if feed.kind == "static" and feed.source == "tts":
+            turn.degraded.setdefault(slot.index, f"{slot.index}:{feed.key}:substituted by tts")
+        if feed.source not in ("skipped", "silence") and chunks:
+            spoken_by = "static" if feed.kind == "static" and feed.source == "hit" else self._speaker
+            turn.voices.setdefault(spoken_by, None)
         turn.converted += converted
         fields: dict[str, Any] = {
             "index": slot.index,
@@ -1103,9 +1181,12 @@ class HybridResponder:
             await asyncio.wait(abandoned)
 
     def _end_turn(self, turn: _Turn, outcome: TurnOutcome) -> None:
+        if outcome == "ok" and turn.degraded:
+            outcome = "degraded"
         result = HybridTurnMetrics(
             items=len(turn.slots),
-            first_audio_ms=turn.first_audio_ms,
+            time_to_first_audio_ms=turn.first_audio_ms,
+            playlist_first_audio_ms=turn.playlist_first_audio_ms,
             total_ms=(self._clock() - turn.started) * 1000.0,
             hits=turn.hits,
             misses=turn.misses,
@@ -1115,9 +1196,11 @@ class HybridResponder:
             failed=turn.failed,
             chunks=turn.chunks,
             outcome=outcome,
+            degraded_items=tuple(turn.degraded[index] for index in sorted(turn.degraded)),
+            voices=tuple(turn.voices),
         )
         self._last_metrics = result
-        level = logging.WARNING if outcome == "failed" else logging.INFO
+        level = logging.WARNING if outcome in ("failed", "degraded") else logging.INFO
         emit(logger, "hybrid_turn", level, **result.fields())
         turn.span.set_attributes(result.span_attributes())
         if outcome == "failed":

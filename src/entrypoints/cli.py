@@ -24,7 +24,7 @@ from voxcore.core.domain.keys import static_key
 from voxcore.core.ports.errors import ConfigurationError
 from voxcore.entrypoints import demo, llm_cli
 from voxcore.entrypoints.container import Container
-from voxcore.entrypoints.manifest import read_manifest
+from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.runtime import open_runtime
 from voxcore.events import emit
 
@@ -34,13 +34,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def example_wav() -> Path:
-    """Path of the shipped speech-like example (16 kHz mono 16-bit, ~3 s)."""
+    """Path of the shipped example: Russian speech by espeak-ng (16 kHz mono 16-bit, ~3 s)."""
     return Path(str(resources.files("voxcore.entrypoints") / "assets" / "example.wav"))
 
 
 def demo_manifest() -> Path:
-    """Path of the shipped demo fragment manifest."""
-    return Path(str(resources.files("voxcore.entrypoints") / "assets" / "fragments" / "manifest.yml"))
+    """Path of the shipped demo fragment manifest (greeting, intro, one_moment, test_example)."""
+    return Path(str(resources.files("voxcore.entrypoints") / "assets" / "manifest.yml"))
+
+
+def numbers_manifest() -> Path:
+    """Path of the shipped number fragment pack's manifest (one word per fragment)."""
+    return numbers_manifest_path()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +280,8 @@ async def _demo(args: argparse.Namespace) -> int:
     started = time.time()
     if args.redis_url is None:
         args.embedded_redis = True
-    fragments = _fragments_from(args.fragments or demo_manifest())
+    # The demo fragments (or the ones given) and the number pack, so amounts play from recordings.
+    fragments = _fragments_from(args.fragments or demo_manifest()) + _fragments_from(numbers_manifest())
     probe_args = argparse.Namespace(
         key="static:test_example", wav=None, chunk_ms=args.chunk_ms, concurrency=5, rounds=10, text_ttl=2.0
     )
@@ -295,7 +301,7 @@ async def _demo(args: argparse.Namespace) -> int:
         probed = await _probe(runtime.container, probe_args)
         talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
         source = args.fragments or demo_manifest()
-        specs = read_manifest(source) if source.is_file() else []
+        specs = (read_manifest(source) if source.is_file() else []) + read_manifest(numbers_manifest())
         call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
     files = sorted(
         str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started

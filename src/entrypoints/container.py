@@ -36,6 +36,7 @@ from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.dialogue import RedisDialogueStore
 from voxcore.adapters.redis.live_events import RedisEventHub, RedisEventStreams, RedisLiveEventPublisher
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
+from voxcore.application.calls import CallRegistry
 from voxcore.application.context import LLMContext
 from voxcore.application.dialogue import DialogueRecorder, restore_dialogue
 from voxcore.application.dual_context import DualContextController
@@ -52,7 +53,7 @@ from voxcore.core.ports.errors import ConfigurationError
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.logging import configure_logging
-from voxcore.entrypoints.manifest import read_manifest
+from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
@@ -392,12 +393,16 @@ async def open_hybrid_responder(
             else "voice.default_agent is not set (or has TTS disabled): hybrid replies need a voice"
         )
     tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
-    transcripts: dict[str, str] = {}
+    # The number pack's transcripts always: say_money() & co. name its fragments, and a fragment
+    # missing from the cache is then spoken from its word instead of skipped.
+    transcripts: dict[str, str] = {
+        spec.key: spec.transcript for spec in read_manifest(numbers_manifest_path()) if spec.transcript
+    }
     if v.hybrid.manifest_path:
         path = Path(v.hybrid.manifest_path)
         if not path.is_absolute() and settings.base_dir:
             path = Path(settings.base_dir) / path
-        transcripts = {spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript}
+        transcripts.update({spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript})
     voice = agent_voice(agent)
     return HybridResponder(
         cache=cache,
@@ -411,6 +416,8 @@ async def open_hybrid_responder(
         max_background_writes=v.hybrid.max_background_writes,
         speed=voice.speed,
         speculative_first_tts=v.hybrid.speculative_first_tts,
+        join_pause_ms=v.hybrid.join_pause_ms,
+        silence_threshold=v.hybrid.silence_threshold,
     )
 
 
@@ -462,6 +469,16 @@ async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | No
         logging.getLogger("voxcore").removeHandler(handler)
 
 
+@asynccontextmanager
+async def call_registry(opener: Callable[..., Any]) -> AsyncIterator[CallRegistry]:
+    """The container's per-call registry; every call still open is closed at ``shutdown_resources``."""
+    registry = CallRegistry(opener)
+    try:
+        yield registry
+    finally:
+        await registry.aclose()
+
+
 class Container(containers.DeclarativeContainer):
     """voxcore's dependency-injection container.
 
@@ -478,6 +495,8 @@ class Container(containers.DeclarativeContainer):
         open_conversation: ``await container.open_conversation(session_id)`` -> a ready
             ``ConversationManager`` whose connection is already warm; ``await manager.shutdown()``
             closes it.
+        calls: ``await container.calls()`` -> the :class:`~voxcore.application.calls.CallRegistry`
+            (one conversation per call id, a turn lock per call; open calls closed at shutdown).
         audio_converter: PCM format conversion (soxr).
         tts_engines: ``{"openai": ..., "espeak-ng": ...}`` (a resource: ``await container.tts_engines()``).
         voice_service: ``await container.voice_service()`` -> the ``VoiceService`` when
@@ -557,6 +576,7 @@ class Container(containers.DeclarativeContainer):
         dialogue_store=dialogue_store,
         publisher=event_publisher,
     )
+    calls = providers.Resource(call_registry, open_conversation.provider)
 
     # Speech
     audio_converter = providers.Singleton(SoxrAudioConverter)

@@ -2,9 +2,10 @@
 
 The caller's lines are scripted; the bot answers through the whole stack: the conversation manager
 (LLM simulator unless a provider is configured), and the hybrid responder, which plays recorded
-fragments from Redis and synthesizes the dynamic parts (espeak-ng when installed, else the
-simulator's ``/v1/audio/speech``). The call is played twice: on the second pass every synthesized
-part comes from the TTS cache, which the report shows.
+fragments from Redis (the shipped recordings: demo phrases and the number fragment pack, so amounts
+are spoken from word fragments) and synthesizes free text with espeak-ng (or the configured
+provider's TTS). It never speaks with the simulator's test tones. The call is played twice: on the
+second pass every synthesized part comes from the TTS cache, which the report shows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import inspect
 import json
 import logging
 import shutil
-import tempfile
 import time
 import wave
 from collections.abc import AsyncIterator, Awaitable
@@ -27,8 +27,9 @@ from voxcore.application.manager import ConversationManager
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.fragments import FragmentSpec
 from voxcore.core.domain.playlist import silence
-from voxcore.core.domain.russian import format_amount, hybrid_amount_playlist, plural_form
-from voxcore.core.ports.tts import SpeechRequest, TTSEngine
+from voxcore.core.domain.russian import hybrid_amount_playlist, money_words
+from voxcore.core.ports.errors import ConfigurationError
+from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.runtime import Runtime
 from voxcore.events import emit
 
@@ -45,7 +46,7 @@ class CallStep:
     """One exchange: what the caller says, and how the bot answers."""
 
     caller: str
-    amount: int | None = None  # a price reply: intro + TTS(amount) + the inflected currency
+    amount: int | None = None  # a price reply: intro + the amount from the number fragment pack
 
 
 SCRIPT = (
@@ -65,12 +66,16 @@ class StepRecord:
     caller: str
     reply_text: str
     kind: str
-    llm_ttft_ms: float | None
-    first_audio_ms: float | None
+    time_to_first_token_ms: float | None
+    time_to_first_audio_ms: float | None  # the user's turn start -> first audio chunk (LLM included)
+    playlist_first_audio_ms: float | None  # the reply's own start -> first audio chunk
     audio_ms: float
     hits: int
     misses: int
     tts_ttfb_ms: float | None
+    outcome: str = "ok"
+    voices: list[str] = field(default_factory=list)  # who spoke: "static", "espeak-ng/ru"...
+    degraded_items: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,30 +87,21 @@ async def resolved(value: T | Awaitable[T]) -> T:
 
 
 def choose_engine(runtime: Runtime, engines: dict[str, TTSEngine]) -> tuple[str, TTSEngine, str]:
-    """espeak-ng when its binary is installed (real Russian speech), else the OpenAI-compatible engine."""
+    """espeak-ng when its binary is installed (real Russian speech), else a configured provider's TTS.
+
+    Raises:
+        ConfigurationError: no espeak-ng and no real provider: the only voice left would be the
+            simulator's test tones, which the demo never passes off as speech.
+    """
     binary = runtime.settings.voice.espeak.binary
     if shutil.which(binary):
         return "espeak-ng", engines["espeak-ng"], "ru"
-    return "openai", engines["openai"], "alloy"
-
-
-async def speak_fragments(
-    specs: list[FragmentSpec], engine: TTSEngine, voice: str, out_dir: Path
-) -> list[tuple[str, Path]]:
-    """Record each fragment's transcript with the engine into a WAV file (real speech for the demo)."""
-    made: list[tuple[str, Path]] = []
-    for spec in specs:
-        if not spec.transcript:
-            continue
-        pcm = bytearray()
-        async for piece in engine.stream_speech(
-            SpeechRequest(spec.transcript, voice, audio_format=CALL_FORMAT)
-        ):
-            pcm += piece
-        path = out_dir / f"{spec.key.removeprefix('static:')}.wav"
-        write_wav(path, bytes(pcm), CALL_FORMAT)
-        made.append((spec.key, path))
-    return made
+    if not runtime.on_simulator:
+        return "openai", engines["openai"], "alloy"
+    raise ConfigurationError(
+        f"the demo speaks with espeak-ng, which is not installed ({binary!r} not on PATH): "
+        "run `make demo` (it installs it) or `apt-get install espeak-ng`"
+    )
 
 
 def write_wav(path: Path, pcm: bytes, fmt: AudioFormat) -> None:
@@ -132,13 +128,7 @@ async def simulated_call(
     engines = await resolved(container.tts_engines())
     engine_name, engine, voice = choose_engine(runtime, engines)
     cache = container.cache()
-    if engine_name == "espeak-ng":
-        with tempfile.TemporaryDirectory(prefix="voxcore-demo-") as tmp:
-            for key, path in await speak_fragments(specs, engine, voice, Path(tmp)):
-                await cache.load_audio_file(key, str(path))
-        fragments = "recorded with espeak-ng for this run"
-    else:
-        fragments = "shipped speech-like placeholders"
+    fragments = "shipped recordings (espeak-ng/ru, scripts/make_speech_fragments.py)"
     emit(log, "demo_call_start", tts_engine=engine_name, voice=voice, fragments=fragments)
     responder = HybridResponder(
         cache=cache,
@@ -147,6 +137,7 @@ async def simulated_call(
         target_format=CALL_FORMAT,
         voice=voice,
         transcripts={spec.key: spec.transcript for spec in specs},
+        join_pause_ms=runtime.settings.voice.hybrid.join_pause_ms,
     )
     records: list[StepRecord] = []
     audio = bytearray()
@@ -196,17 +187,17 @@ async def _play_step(
     step_no: int,
     audio: bytearray,
 ) -> StepRecord:
-    started = time.perf_counter()
+    started = time.perf_counter()  # the user's turn starts: time_to_first_audio_ms counts from here
     before = len(audio)
     if step.amount is None:
-        stream = responder.speak_text_stream(_llm_text(manager, step.caller))
+        stream = responder.speak_text_stream(_llm_text(manager, step.caller), turn_started_at=started)
         kind = "llm + tts"
     else:
         # A price reply is built from fragments, not generated: the LLM still hears the turn.
         async for _ in _llm_text(manager, step.caller):
             pass
-        stream = responder.play(hybrid_amount_playlist(step.amount))
-        kind = f"hybrid: intro + tts({step.amount}) + currency"
+        stream = responder.play(hybrid_amount_playlist(step.amount), turn_started_at=started)
+        kind = f"hybrid: intro + say_money({step.amount})"
     async for chunk in stream:
         audio += chunk
     metrics = responder.last_metrics
@@ -219,12 +210,16 @@ async def _play_step(
         caller=step.caller,
         reply_text=reply if step.amount is None else f"{hybrid_text(step.amount)}",
         kind=kind,
-        llm_ttft_ms=llm.time_to_first_token_ms if llm else None,
-        first_audio_ms=metrics.first_audio_ms if metrics else None,
+        time_to_first_token_ms=llm.time_to_first_token_ms if llm else None,
+        time_to_first_audio_ms=metrics.time_to_first_audio_ms if metrics else None,
+        playlist_first_audio_ms=metrics.playlist_first_audio_ms if metrics else None,
         audio_ms=round(CALL_FORMAT.duration_ms(len(audio) - before), 1),
         hits=metrics.hits if metrics else 0,
         misses=metrics.misses if metrics else 0,
         tts_ttfb_ms=metrics.tts_ttfb_ms if metrics else None,
+        outcome=metrics.outcome if metrics else "failed",
+        voices=list(metrics.voices) if metrics else [],
+        degraded_items=list(metrics.degraded_items) if metrics else [],
         extra={"wall_ms": round((time.perf_counter() - started) * 1000, 1)},
     )
     emit(log, "demo_call_step", **{k: v for k, v in record.__dict__.items() if k != "extra"})
@@ -233,9 +228,7 @@ async def _play_step(
 
 def hybrid_text(amount: int) -> str:
     """What a price reply says, as text (for the report)."""
-    return (
-        f"Ваша стоимость составляет {format_amount(amount)} {plural_form(amount, 'рубль', 'рубля', 'рублей')}"
-    )
+    return f"Ваша стоимость составляет {money_words(amount)}"
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -251,15 +244,21 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- LLM: {llm}; TTS: `{report['tts_engine']}` (voice `{report['voice']}`); "
         f"fragments: {report['fragments']}",
         "",
-        "| pass | step | caller | reply | kind | LLM TTFT ms | first audio ms | TTS TTFB ms | cache hits "
-        "| TTS misses |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
+        "`time_to_first_audio_ms`: the user's turn start -> first audio chunk of the reply (the LLM "
+        "included); `playlist_first_audio_ms`: the reply's own start -> first chunk; "
+        "`time_to_first_token_ms`: the LLM request -> first streamed token.",
+        "",
+        "| pass | step | caller | reply | kind | spoken by | outcome | time_to_first_token_ms "
+        "| time_to_first_audio_ms | playlist_first_audio_ms | TTS TTFB ms | cache hits | TTS misses |",
+        "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["steps"]:
+        outcome = s["outcome"] + (f" ({'; '.join(s['degraded_items'])})" if s["degraded_items"] else "")
         lines.append(
             f"| {s['pass_no']} | {s['step']} | {s['caller']} | {s['reply_text']} | {s['kind']} | "
-            f"{_num(s['llm_ttft_ms'])} | {_num(s['first_audio_ms'])} | {_num(s['tts_ttfb_ms'])} | "
-            f"{s['hits']} | {s['misses']} |"
+            f"{', '.join(f'`{v}`' for v in s['voices']) or '-'} | {outcome} | "
+            f"{_num(s['time_to_first_token_ms'])} | {_num(s['time_to_first_audio_ms'])} | "
+            f"{_num(s['playlist_first_audio_ms'])} | {_num(s['tts_ttfb_ms'])} | {s['hits']} | {s['misses']} |"
         )
     second = [s for s in report["steps"] if s["pass_no"] == 2]
     if second:

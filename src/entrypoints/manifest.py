@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -27,3 +28,8 @@ def read_manifest(path: Path) -> list[FragmentSpec]:
         return parse_manifest(data, path.resolve().parent)
     except DomainError as exc:
         raise ConfigurationError(f"invalid manifest {path}: {exc}") from exc
+
+
+def numbers_manifest_path() -> Path:
+    """The shipped number fragment pack's manifest (``assets/manifest_numbers.yml``)."""
+    return Path(str(resources.files("voxcore.entrypoints") / "assets" / "manifest_numbers.yml"))

@@ -228,6 +228,9 @@ class HybridSettings(BaseModel):
     prefetch: int = Field(default=4, ge=1, le=64)
     max_background_writes: int = Field(default=8, ge=1, le=256)
     speculative_first_tts: bool = True
+    # Longest silence where a synthesized piece joins the next (edge silence trimmed to half each).
+    join_pause_ms: int = Field(default=60, ge=0, le=1000)
+    silence_threshold: int = Field(default=160, ge=0, le=32766)  # |sample| counted as silence
 
 
 class VoiceSettings(BaseModel):

@@ -14,6 +14,8 @@ import redis
 
 from tests.conftest import RedisTarget
 from tests.unit.test_audio_domain import make_wav
+from voxcore.entrypoints.cli import demo_manifest, example_wav, numbers_manifest
+from voxcore.entrypoints.manifest import read_manifest
 
 VOXCORE = [sys.executable, "-m", "voxcore.entrypoints.cli"]
 
@@ -115,7 +117,9 @@ def test_probe_cache_on_embedded_redis(tmp_path: Path) -> None:
     summary = next(line for line in lines if line["event"] == "bench_summary")
     assert summary["reads"] == 6 and {"first_chunk_ms_p50", "stream_ms_p95", "total_ms_p95"} <= set(summary)
     warm = next(line for line in lines if line["event"] == "warmup_done")
-    assert warm["ok"] and warm["sample_rate"] == 16_000 and warm["chunks"] == 150
+    with wave.open(str(example_wav())) as example:  # 20 ms chunks of the shipped example (~3 s)
+        expected_chunks = -(-example.getnframes() // 320)
+    assert warm["ok"] and warm["sample_rate"] == 16_000 and warm["chunks"] == expected_chunks
     done_line = next(line for line in lines if line["event"] == "probe_done")
     assert done_line["ok"] and all(done_line["checks"].values())
     assert names[-1] == "embedded_redis_stopped"
@@ -145,7 +149,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = json_lines(done.stdout)
     summary = next(line for line in lines if line["event"] == "load_audio_summary")
-    assert summary["loaded"] == 6 and summary["failed"] == 0
+    shipped = len(read_manifest(demo_manifest())) + len(read_manifest(numbers_manifest()))
+    assert summary["loaded"] == shipped and summary["failed"] == 0
     assert [line["event"] for line in lines[-2:]] == ["embedded_redis_stopped", "demo_done"]
     assert any(line["event"] == "probe_done" and line["ok"] for line in lines)
     assert any(line["event"] == "demo_dialogue_done" for line in lines)
@@ -161,7 +166,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     ]
     assert (tmp_path / ".demo-redis" / "dump.rdb").is_file()  # a second run finds the TTS cache
     steps = [line for line in lines if line["event"] == "demo_call_step"]
-    assert len(steps) == 8 and all(s["first_audio_ms"] is not None for s in steps)
+    assert len(steps) == 8 and all(s["time_to_first_audio_ms"] is not None for s in steps)
+    assert all(s["outcome"] == "ok" for s in steps)
+    amounts = [s for s in steps if "say_money" in s["kind"]]
+    assert len(amounts) == 4 and all(s["voices"] == ["static"] and s["misses"] == 0 for s in amounts)
     assert sum(s["misses"] for s in steps if s["pass_no"] == 2) == 0  # second pass: TTS from the cache
     with wave.open(call["wav"]) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16_000, 1, 2)

@@ -22,7 +22,6 @@ from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.application.hybrid import HybridResponder
 from voxcore.core.domain.audio import AudioFormat, plan_chunks, split_pcm
 from voxcore.core.domain.playlist import PauseItem, Playlist, StaticItem, TTSItem, silence
-from voxcore.core.domain.russian import hybrid_amount_playlist
 from voxcore.core.domain.tts_text import tts_cache_key
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.events import FIELDS_ATTR
@@ -33,6 +32,14 @@ PCM16 = AudioFormat(16_000, 1, 2)
 CHUNK24 = plan_chunks(PCM24, 20).bytes_per_chunk
 VOICE = "alloy"
 KEY = "sk-simulator"
+
+
+TWELVE_500 = "двенадцать тысяч пятьсот"  # what a TTS engine is asked to say for "12 500"
+
+
+def amount_playlist(amount: str) -> Playlist:
+    """Intro fragment + the amount synthesized + "рублей" (the pre-pack shape of a price reply)."""
+    return Playlist.of(StaticItem("static:intro"), TTSItem(amount), StaticItem("static:currency_rub_many"))
 
 
 def tone(fmt: AudioFormat, ms: int, hz: float) -> bytes:
@@ -95,6 +102,8 @@ def responder_for(
         target_format=PCM24,
         voice=kwargs.pop("voice", VOICE),
         transcripts=transcripts or {},
+        # Byte-exact checks: pieces joined as they are (test_speech_quality checks the joins).
+        join_pause_ms=kwargs.pop("join_pause_ms", None),
         **kwargs,
     )
 
@@ -121,7 +130,9 @@ async def test_order_kept_when_hits_and_misses_interleave(
     await store(cache, "static:currency_rub_many", rub)
     await store(cache, "static:tail", tail)
     playlist = Playlist.of(
-        *hybrid_amount_playlist(12500),
+        StaticItem("static:intro"),
+        TTSItem("12 500"),
+        StaticItem("static:currency_rub_many"),
         PauseItem(120),
         TTSItem("Спасибо"),
         StaticItem("static:tail"),
@@ -130,14 +141,14 @@ async def test_order_kept_when_hits_and_misses_interleave(
     chunks = await collect(responder.play(playlist))
 
     expected = (
-        intro + synthetic_speech("12 500") + rub + silence(PCM24, 120) + synthetic_speech("Спасибо") + tail
+        intro + synthetic_speech(TWELVE_500) + rub + silence(PCM24, 120) + synthetic_speech("Спасибо") + tail
     )
     assert b"".join(chunks) == expected
     assert all(len(c) == CHUNK24 for c in chunks[:-1])
     assert speech_requests(sim) == 2
     metrics = responder.last_metrics
     assert metrics is not None and (metrics.hits, metrics.misses, metrics.outcome) == (3, 2, "ok")
-    assert metrics.tts_ttfb_ms is not None and metrics.first_audio_ms is not None
+    assert metrics.tts_ttfb_ms is not None and metrics.time_to_first_audio_ms is not None
 
 
 async def test_all_cached_playlist_is_byte_exact_against_the_loaded_fragments(
@@ -267,13 +278,13 @@ async def test_missing_static_with_transcript_falls_back_to_tts(
     rub = tone(PCM24, 300, 660)
     await store(cache, "static:currency_rub_many", rub)
 
-    chunks = await collect(responder.play(hybrid_amount_playlist(12500)))
+    chunks = await collect(responder.play(amount_playlist("12 500")))
 
-    expected = synthetic_speech("Ваша стоимость составляет") + synthetic_speech("12 500") + rub
+    expected = synthetic_speech("Ваша стоимость составляет") + synthetic_speech(TWELVE_500) + rub
     assert b"".join(chunks) == expected
     assert events(caplog, "static_fragment_missing") == [{"key": "static:intro", "fallback": "tts"}]
     assert speech_requests(sim) == 2
-    assert sorted(r.json()["input"] for r in sim.requests) == ["12 500", "Ваша стоимость составляет"]
+    assert sorted(r.json()["input"] for r in sim.requests) == ["Ваша стоимость составляет", TWELVE_500]
 
 
 async def test_missing_static_without_transcript_is_skipped_and_the_rest_plays(
@@ -283,14 +294,15 @@ async def test_missing_static_without_transcript_is_skipped_and_the_rest_plays(
     intro = tone(PCM24, 300, 440)
     await store(cache, "static:intro", intro)
 
-    chunks = await collect(responder.play(hybrid_amount_playlist(7)))  # static:currency_rub_many is absent
+    chunks = await collect(responder.play(amount_playlist("7")))  # static:currency_rub_many is absent
 
-    assert b"".join(chunks) == intro + synthetic_speech("7")
+    assert b"".join(chunks) == intro + synthetic_speech("семь")
     skipped = [r for r in caplog.records if r.getMessage() == "static_fragment_skipped"]
     assert len(skipped) == 1 and skipped[0].levelno == logging.ERROR
     assert getattr(skipped[0], FIELDS_ATTR)["key"] == "static:currency_rub_many"
     metrics = responder.last_metrics
-    assert metrics is not None and metrics.skipped == 1
+    assert metrics is not None and metrics.skipped == 1 and metrics.outcome == "degraded"
+    assert metrics.degraded_items == ("2:static:currency_rub_many:skipped",)
 
 
 # -- free text --------------------------------------------------------------------------------------------

@@ -71,8 +71,9 @@ async def test_synthesis_then_cache_hit_without_the_provider(
     first = await voice.synthesize_speech("sales", "Ваш заказ  номер 12500 готов.", "u1")
     assert first.success and first.reason == "ok" and first.audio_format == PCM24K
     # The provider was asked for the normalized text, and its audio came back untouched.
-    assert sim.last_request_json["input"] == "Ваш заказ номер 12 500 готов."
-    assert first.audio == synthetic_speech("Ваш заказ номер 12 500 готов.")
+    spoken = "Ваш заказ номер двенадцать тысяч пятьсот готов."
+    assert sim.last_request_json["input"] == spoken
+    assert first.audio == synthetic_speech(spoken)
     assert speech_requests(sim) == 1
 
     second = await voice.synthesize_speech("sales", "Ваш заказ номер 12\u00a0500 готов.", "u2")

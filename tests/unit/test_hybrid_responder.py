@@ -253,6 +253,8 @@ def make(
         voice=VOICE,
         tracer=tracer_provider.get_tracer("test") if tracer_provider else None,
         meter=meter_provider.get_meter("test") if meter_provider else None,
+        # Byte-exact checks of the scheduling: pieces joined as they are (joins: tests of their own).
+        join_pause_ms=kwargs.pop("join_pause_ms", None),
         **kwargs,
     )
 
@@ -411,7 +413,7 @@ async def test_first_chunk_does_not_wait_for_slow_later_items(cache: FakeAudioCa
 async def test_prefetch_bounds_concurrent_syntheses(cache: FakeAudioCache, tts: FakeTTS) -> None:
     tts.first_byte_delay_s = 0.01
     responder = make(cache, tts, prefetch=2)
-    texts = [f"фраза номер {n}" for n in range(6)]
+    texts = [f"фраза номер {word}" for word in ("ноль", "один", "два", "три", "четыре", "пять")]
     chunks = await collect(responder.play(Playlist(tuple(TTSItem(t) for t in texts))))
     assert b"".join(chunks) == b"".join(tts.audio(t) for t in texts)
     assert tts.max_running == 2
@@ -507,7 +509,8 @@ async def test_failure_midway_plays_what_came_and_the_rest_and_caches_nothing(
     assert len(failed) == 1
     assert failed[0][1]["index"] == 0 and failed[0][1]["error_type"] == "TTSError"
     metrics = responder.last_metrics
-    assert metrics is not None and (metrics.failed, metrics.outcome) == (1, "ok")
+    assert metrics is not None and (metrics.failed, metrics.outcome) == (1, "degraded")
+    assert len(metrics.degraded_items) == 1 and metrics.degraded_items[0].startswith("0:tts:")
     # Nothing is remembered for the key: the next request synthesizes again.
     tts.fail_after.clear()
     again = await collect(responder.play(Playlist.of(TTSItem("сломается посередине"))))
@@ -680,7 +683,8 @@ async def test_speak_text_stream_of_nothing_yields_nothing(cache: FakeAudioCache
     responder = make(cache, tts)
     assert await collect(responder.speak_text_stream(deltas())) == []
     metrics = responder.last_metrics
-    assert metrics is not None and (metrics.items, metrics.first_audio_ms, metrics.outcome) == (0, None, "ok")
+    assert metrics is not None
+    assert (metrics.items, metrics.time_to_first_audio_ms, metrics.outcome) == (0, None, "ok")
 
 
 # -- background writes and shutdown --------------------------------------------------------------------
@@ -753,7 +757,9 @@ async def test_turn_log_line_and_span_share_keys_and_items_get_child_spans(
     assert {key: attributes[TURN_ATTRIBUTE_PREFIX + key] for key in turn_fields} == turn_fields
     assert {
         "items",
-        "first_audio_ms",
+        "time_to_first_audio_ms",
+        "playlist_first_audio_ms",
+        "voices",
         "total_ms",
         "hits",
         "misses",

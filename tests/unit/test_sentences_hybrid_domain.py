@@ -310,7 +310,8 @@ def test_helpers() -> None:
 def test_turn_metrics_fields_and_span_attributes_share_keys() -> None:
     metrics = HybridTurnMetrics(
         items=3,
-        first_audio_ms=0.4,
+        time_to_first_audio_ms=120.4,
+        playlist_first_audio_ms=0.4,
         total_ms=12.0,
         hits=2,
         misses=1,

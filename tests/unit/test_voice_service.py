@@ -330,7 +330,8 @@ def test_contradictory_results_are_refused(kwargs: dict[str, Any]) -> None:
 
 
 def test_speech_text_is_normalized_and_bounded() -> None:
-    assert prepare_speech_text("  Итого:\u00a012500\u2009руб. ", max_chars=100) == "Итого: 12 500 руб."
+    spoken = "Итого: двенадцать тысяч пятьсот рублей."
+    assert prepare_speech_text("  Итого:\u00a012500\u2009руб. ", max_chars=100) == spoken
     assert prepare_speech_text("a" * 10, max_chars=10) == "a" * 10
     with pytest.raises(InvalidSpeechRequestError, match="too long: 11 > 10"):
         prepare_speech_text("a" * 11, max_chars=10)
@@ -362,7 +363,7 @@ async def test_synthesizes_normalized_text_with_the_agents_settings(
     assert result.audio == CHUNK * 3 and result.audio_format == PCM16K and result.error is None
     (request,) = engine.requests
     assert request == SpeechRequest(
-        "Сумма: 12 500 рублей", "alloy", model="m1", audio_format=PCM16K, speed=1.25
+        "Сумма: двенадцать тысяч пятьсот рублей", "alloy", model="m1", audio_format=PCM16K, speed=1.25
     )
     assert engine.completed == 1
     (event,) = records(debug_logs, "tts_synthesized")
@@ -371,7 +372,7 @@ async def test_synthesizes_normalized_text_with_the_agents_settings(
     assert {k: got[k] for k in ("agent", "engine", "chars", "from_cache", "bytes", "cached")} == {
         "agent": "sales",
         "engine": "fake",
-        "chars": len("Сумма: 12 500 рублей"),
+        "chars": len("Сумма: двенадцать тысяч пятьсот рублей"),
         "from_cache": False,
         "bytes": len(CHUNK) * 3,
         "cached": False,

@@ -231,7 +231,7 @@ def _as_segment(raw: object) -> Segment | None:
 # -- metrics ------------------------------------------------------------------------------------------
 
 ItemSource: TypeAlias = Literal["hit", "miss", "tts", "skipped", "silence"]
-TurnOutcome: TypeAlias = Literal["ok", "closed", "failed"]
+TurnOutcome: TypeAlias = Literal["ok", "degraded", "closed", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +240,11 @@ class HybridTurnMetrics:
 
     Attributes:
         items: Items played or attempted (pauses included).
-        first_audio_ms: Start of the reply -> first audio chunk handed out (``None``: no audio).
+        time_to_first_audio_ms: Turn start -> first audio chunk of the reply. The turn starts when
+            the caller says so (``turn_started_at``: for an LLM-driven reply, when the user's turn
+            began, so the LLM is included); by default when the reply started (``None``: no audio).
+        playlist_first_audio_ms: The reply's own start (``play``/``speak_text_stream`` called) ->
+            its first audio chunk: what the cache and the engines cost, without the LLM.
         total_ms: Start -> end of the reply (or of the consumer's reading, when it stopped early).
         hits: Items played from the cache (static fragments and cached syntheses).
         misses: Items synthesized now (TTS cache misses and static fragments spoken from their
@@ -251,11 +255,18 @@ class HybridTurnMetrics:
         skipped: Items left out (a static fragment missing without a transcript, unusable audio).
         failed: Items that ended early because their synthesis failed.
         chunks: Audio chunks handed out.
-        outcome: ``ok``; ``closed`` (the consumer stopped reading or was cancelled); ``failed``.
+        outcome: ``ok`` (every item played as asked); ``degraded`` (the reply played to its end,
+            but items were skipped, substituted or cut short: see ``degraded_items``); ``closed``
+            (the consumer stopped reading or was cancelled); ``failed``.
+        degraded_items: One ``"<index>:<key or kind>:<what happened>"`` per item that did not play
+            as asked (``skipped``, ``substituted by tts``, ``failed``).
+        voices: Who spoke the reply, in order of first appearance: ``static`` for recorded
+            fragments, ``<engine>/<voice>`` (``espeak-ng/ru``) for synthesized parts.
     """
 
     items: int
-    first_audio_ms: float | None
+    time_to_first_audio_ms: float | None
+    playlist_first_audio_ms: float | None
     total_ms: float
     hits: int
     misses: int
@@ -265,15 +276,17 @@ class HybridTurnMetrics:
     failed: int
     chunks: int
     outcome: TurnOutcome
+    degraded_items: tuple[str, ...] = ()
+    voices: tuple[str, ...] = ()
 
-    def fields(self) -> dict[str, int | float | str]:
-        """The metrics as log fields; unknown values (``None``) are left out.
+    def fields(self) -> dict[str, int | float | str | tuple[str, ...]]:
+        """The metrics as log fields; unknown values (``None``) and empty lists are left out.
 
         The same keys, prefixed with :data:`TURN_ATTRIBUTE_PREFIX`, are the span attributes
         (:meth:`span_attributes`), so a log line and its span always describe a turn alike.
         """
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        return {name: value for name, value in asdict(self).items() if value is not None and value != ()}
 
-    def span_attributes(self) -> dict[str, int | float | str]:
+    def span_attributes(self) -> dict[str, int | float | str | tuple[str, ...]]:
         """:meth:`fields` with every key prefixed by :data:`TURN_ATTRIBUTE_PREFIX`."""
         return {TURN_ATTRIBUTE_PREFIX + name: value for name, value in self.fields().items()}

@@ -11,9 +11,11 @@ import unicodedata
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.keys import tts_key
+from voxcore.core.domain.tts_text_numbers import verbalize
 
-#: Bumped whenever normalization or the key payload changes, so old cache entries stop matching.
-TTS_KEY_VERSION = 1
+#: Bumped whenever normalization or the key payload changes, so old cache entries stop matching
+#: (2: numbers are verbalized, so the key of "12 500" is taken over "двенадцать тысяч пятьсот").
+TTS_KEY_VERSION = 2
 #: Hex digits of the SHA-256 digest kept in a key (128 bits: collisions are not a practical concern).
 TTS_DIGEST_HEX = 32
 
@@ -49,24 +51,11 @@ _VARIANTS = str.maketrans(
         **_INVISIBLE,
     }
 )
-# A standalone integer, after whitespace has been collapsed to single spaces: either digit groups
-# ("12 500", "1 000 000"; the first group has no leading zero) or one run of digits ("12500").
-# Conservative on purpose: merging two texts that are NOT read alike would play the wrong audio,
-# while missing a merge only costs a synthesis. So a number glued to a letter ("A12500"), the
-# fraction or tail of a decimal/time/code ("0,12345", "1.12345", "10-12500") or one next to another
-# number across a space ("8 800 555 35 35", "12345 678") is left exactly as written.
-_NUMBER = re.compile(
-    r"(?<!\w)(?<!\w[.,:/-])(?<![0-9] )"
-    r"(?:[1-9][0-9]{0,2}(?: [0-9]{3})+|[0-9]+)"
-    r"(?!\w)(?! [0-9])"
-)
-# Numbers from this many digits on are written in groups of three (Russian typography: "12 500",
-# but "1000" and "9999" stay whole).
-_GROUP_FROM_DIGITS = 5
+_HAS_DIGIT = re.compile(r"[0-9]")
 
 
 def normalize_tts_text(text: str) -> str:
-    """Return the canonical form of ``text``, so that texts read alike share one cache entry.
+    """Return the canonical form of ``text``: what a TTS engine is asked to say, numbers as words.
 
     Steps, in order:
 
@@ -77,16 +66,15 @@ def normalize_tts_text(text: str) -> str:
     2. Unicode NFC (a precomposed "й" and "и" + combining breve are the same text).
     3. Whitespace of any kind (including NBSP, narrow NBSP, thin space, tabs, newlines) is collapsed
        to one ASCII space; leading and trailing whitespace is removed.
-    4. Standalone integers get one canonical grouping, as Russian typography writes them: five
-       digits and more in groups of three separated by a plain space (``12500``, ``12 500``,
-       ``12\\u00a0500``, ``12\\u202f500`` all become ``12 500``), fewer digits without separator
-       (``1 000`` becomes ``1000``). A plain ASCII space is the separator because every engine
-       reads it and it survives logs and JSON unchanged.
+    4. Numbers are spoken as Russian words (:func:`~voxcore.core.domain.tts_text_numbers.verbalize`):
+       phone numbers ("8 800 555-35-35"), dates ("01.12.2026"), times ("14:05"), money ("12 500 ₽",
+       "21 001 рублей" with the unit agreed), percentages, decimals ("12,5") and integers written
+       whole or in groups ("12500", "12 500", "12\u00a0500" all become "двенадцать тысяч
+       пятьсот"). Engines read digit groups each their own way (espeak-ng says "двенадцать
+       пятьсот" for "12 500"), so no digit group ever reaches one.
 
-    Deliberately *not* merged: ``12,500`` (in Russian the comma is the decimal separator, so it is
-    12.5, not 12500); letter case (acronyms are read differently); ``ё``/``е`` ("всё" is not
-    "все"); numbers with leading zeros (codes); numbers adjacent to letters or to another number
-    (phone numbers, ranges, codes). The result is a function of the input alone and is idempotent.
+    Deliberately *not* merged: letter case (acronyms are read differently); ``ё``/``е`` ("всё" is
+    not "все"). The result is a function of the input alone and is idempotent.
 
     Args:
         text: Any text meant for speech synthesis.
@@ -103,19 +91,10 @@ def normalize_tts_text(text: str) -> str:
     # mark together, which NFC must then compose.
     text = unicodedata.normalize("NFC", text.translate(_VARIANTS))
     text = " ".join(text.split())
-    return _NUMBER.sub(_regroup, text)
-
-
-def _regroup(match: re.Match[str]) -> str:
-    raw = match.group()
-    digits = raw.replace(" ", "")
-    if len(digits) > 1 and digits[0] == "0":
-        return raw  # a code ("007", "01234"), not an amount
-    if len(digits) < _GROUP_FROM_DIGITS:
-        return digits
-    head = len(digits) % 3 or 3
-    groups = [digits[:head]] + [digits[i : i + 3] for i in range(head, len(digits), 3)]
-    return " ".join(groups)
+    if _HAS_DIGIT.search(text):
+        # Words replace digits: a combining mark that followed a digit now follows a letter.
+        text = unicodedata.normalize("NFC", verbalize(text))
+    return text
 
 
 def tts_cache_key(
