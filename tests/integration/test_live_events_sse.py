@@ -154,7 +154,8 @@ async def test_100_concurrent_clients_get_every_event_in_order(
     redis_target, key_prefix: str, raw_redis: redis.Redis, publisher: RedisLiveEventPublisher
 ) -> None:
     sessions = [f"call-{n}" for n in range(4)]
-    with ServeProcess(redis_target.url, key_prefix) as server:
+    # A small Redis pool: a hundred clients replaying at once must queue for it, not fail.
+    with ServeProcess(redis_target.url, key_prefix, env={"VOXCORE_REDIS__MAX_CONNECTIONS": "4"}) as server:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=30, limits=limits) as client:
             readers = [

@@ -90,6 +90,9 @@ class RedisEventStreams:
         maxlen: Approximate cap of each session's stream.
         ttl_seconds: Lifetime of a session's stream after its last event.
         index_maxlen: Approximate cap of the index of calls.
+        read_slots: Reads (``XRANGE``/``XINFO``) in flight at once; more wait for a slot. A plain
+            connection pool fails at once when exhausted ("Too many connections"), and a hundred SSE
+            clients reconnecting together must queue instead. Default: half the client's pool.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class RedisEventStreams:
         maxlen: int = 10_000,
         ttl_seconds: int = 24 * 3600,
         index_maxlen: int = 10_000,
+        read_slots: int | None = None,
     ) -> None:
         if maxlen < 1 or index_maxlen < 1 or ttl_seconds < 0:
             raise ValueError("maxlen and index_maxlen must be >= 1, ttl_seconds >= 0")
@@ -110,6 +114,10 @@ class RedisEventStreams:
         self._maxlen = str(maxlen).encode()
         self._index_maxlen = str(index_maxlen).encode()
         self._ttl = str(ttl_seconds).encode()
+        if read_slots is None:
+            pool_size = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+            read_slots = max(pool_size // 2, 1) if isinstance(pool_size, int) and pool_size < 2**31 else 16
+        self._read_slots = asyncio.Semaphore(read_slots)
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -158,7 +166,9 @@ class RedisEventStreams:
     async def read_after(self, session_id: str | None, after_id: str | None, count: int) -> list[LiveEvent]:
         """``XRANGE key (after_id + COUNT count``: stored events after ``after_id``, oldest first."""
         start = "-" if after_id is None else "(" + after_id
-        entries: Any = await self._client.xrange(self.stream_key(session_id), min=start, max="+", count=count)
+        async with self._read_slots:
+            key = self.stream_key(session_id)
+            entries: Any = await self._client.xrange(key, min=start, max="+", count=count)
         events: list[LiveEvent] = []
         for raw_id, fields in entries:
             try:
@@ -174,7 +184,8 @@ class RedisEventStreams:
     async def stream_info(self, session_id: str | None) -> dict[str, str | None] | None:
         """First id, last generated id and the newest trimmed id of a stream (``None``: no stream)."""
         try:
-            info: Any = await self._client.xinfo_stream(self.stream_key(session_id))
+            async with self._read_slots:
+                info: Any = await self._client.xinfo_stream(self.stream_key(session_id))
         except redis_exc.ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return None
