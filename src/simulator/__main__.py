@@ -28,6 +28,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chars-per-chunk", type=int, default=6, help="characters per content delta")
     parser.add_argument("--early-headers", action="store_true", help="send stream headers before the delay")
     parser.add_argument("--reply", default=None, help="constant reply text (default: echo the user)")
+    parser.add_argument("--embedding-ms", type=float, default=0.0, help="delay before an embeddings answer")
     return parser.parse_args(argv)
 
 
@@ -47,6 +48,7 @@ async def _serve(args: argparse.Namespace) -> None:
         inter_chunk_delay_ms=args.inter_chunk_ms,
         chars_per_chunk=args.chars_per_chunk,
         early_headers=args.early_headers,
+        embedding_delay_ms=args.embedding_ms,
     )
     async with sim:
         started = {

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP/1.1 server SIMULATOR on 127.0.0.1 (stdlib asyncio streams only).
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE) and ``POST /v1/audio/speech``
-(synthetic speech-like PCM streamed with chunked transfer).
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE), ``POST /v1/audio/speech``
+(synthetic speech-like PCM streamed with chunked transfer) and ``POST /v1/embeddings`` (deterministic
+vectors, or a real model; see ``voxcore.simulator.embeddings``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self, TypeAlias
 from urllib.parse import unquote, urlsplit
+
+from voxcore.simulator.embeddings import (
+    DEFAULT_EMBEDDING_MODELS,
+    EMBEDDINGS_PATH,
+    EmbeddingBackend,
+    default_backend,
+    embeddings_payload,
+    validate_embeddings,
+)
 
 __all__ = [
     "AUDIO_SPEECH_PATH",
@@ -156,6 +166,10 @@ class RequestPlan:
         chars_per_chunk: Characters per content delta, or an inclusive ``(min, max)`` range.
         reply: Overrides the reply policy for this request (text or a mapping serialized as JSON).
         speech_chunk_bytes: Bytes per chunk of a speech response body.
+        trailing_text: Chat: text appended after the JSON content (a model that goes on after the object).
+        fence: Chat: wrap the content in a markdown code fence (```json ... ```).
+        raw_newlines: Chat: write the ``\\n`` escapes of the JSON content as raw newlines (what
+            grammar-constrained servers emit).
     """
 
     fault: Fault | None = None
@@ -170,6 +184,9 @@ class RequestPlan:
     chars_per_chunk: int | tuple[int, int] | None = None
     reply: ReplyValue | None = None
     speech_chunk_bytes: int | None = None
+    trailing_text: str | None = None
+    fence: bool = False
+    raw_newlines: bool = False
 
     def matches(self, path: str) -> bool:
         """Return whether a request to ``path`` consumes this plan."""
@@ -622,6 +639,20 @@ class OpenAISimulator:
         seed: Seed for the chunk-size generator.
         speech_models: Model ids accepted by ``/v1/audio/speech`` (not listed by ``/v1/models``).
         speech_chunk_bytes: Bytes per chunk of a speech body (odd by default: chunks split frames).
+        one_request_at_a_time: Serve model and chat requests one at a time, like llama.cpp's server: a
+            request waits while another is in progress, and (with ``interrupt_streams``) a waiting
+            request ends the running stream after its current chunk with ``[DONE]`` and no finish chunk.
+            Combine with ``idle_timeout_s=5`` for a uvicorn-like server.
+        interrupt_streams: See ``one_request_at_a_time`` (llama-cpp-python's ``interrupt_requests``).
+        keep_alive_header: Announce ``idle_timeout_s`` in a ``Keep-Alive: timeout=N`` header (uvicorn, and
+            so llama.cpp's Python server, announces nothing: set False to play them).
+        response_formats: ``response_format`` types accepted (``None``: all); another one is refused as
+            llama.cpp refuses ``json_schema``: HTTP 500 with a validation message naming response_format.
+        embedding_models: Models accepted by ``/v1/embeddings`` -> their native dimension.
+        embedding_backends: Model -> a backend computing its vectors (default for every model: the
+            deterministic ``hashed_embedding``).
+        embedding_delay_ms: Delay before an embeddings answer (a plan's ``first_token_delay_ms``
+            overrides it per request).
     """
 
     def __init__(
@@ -642,6 +673,13 @@ class OpenAISimulator:
         seed: int = 0,
         speech_models: Sequence[str] = DEFAULT_SPEECH_MODELS,
         speech_chunk_bytes: int = _DEFAULT_SPEECH_CHUNK_BYTES,
+        one_request_at_a_time: bool = False,
+        interrupt_streams: bool = True,
+        response_formats: Sequence[str] | None = None,
+        keep_alive_header: bool = True,
+        embedding_models: Mapping[str, int] = DEFAULT_EMBEDDING_MODELS,
+        embedding_backends: Mapping[str, EmbeddingBackend] | None = None,
+        embedding_delay_ms: float = 0.0,
     ) -> None:
         if speech_chunk_bytes < 1:
             raise ValueError(f"speech_chunk_bytes must be positive, got {speech_chunk_bytes}")
@@ -658,7 +696,23 @@ class OpenAISimulator:
         self.idle_timeout_s = idle_timeout_s
         self.speech_models: list[str] = list(speech_models)
         self.speech_chunk_bytes = speech_chunk_bytes
+        self.embedding_models: dict[str, int] = dict(embedding_models)
+        self.embedding_backends: dict[str, EmbeddingBackend] = dict(embedding_backends or {})
+        self.embedding_delay_ms = embedding_delay_ms
         self.default_plan: RequestPlan | None = None
+        self.one_request_at_a_time = one_request_at_a_time
+        self.keep_alive_header = keep_alive_header
+        self.interrupt_streams = interrupt_streams
+        self.response_formats: tuple[str, ...] | None = (
+            None if response_formats is None else tuple(response_formats)
+        )
+        #: Most model/chat requests that were being served at once.
+        self.max_in_flight = 0
+        #: Streams ended early because another request was waiting (``one_request_at_a_time``).
+        self.streams_interrupted = 0
+        self._in_flight = 0
+        self._waiting = 0
+        self._serial = asyncio.Lock()
 
         self.requests_by_path: collections.Counter[str] = collections.Counter()
         self.connections_accepted = 0
@@ -1029,7 +1083,7 @@ class OpenAISimulator:
         lines.extend(f"{k}: {v}" for k, v in headers)
         if keep_alive:
             lines.append("Connection: keep-alive")
-            if self.idle_timeout_s is not None:
+            if self.idle_timeout_s is not None and self.keep_alive_header:
                 lines.append(f"Keep-Alive: timeout={math.ceil(self.idle_timeout_s)}")
         else:
             lines.append("Connection: close")
@@ -1158,10 +1212,37 @@ class OpenAISimulator:
             route = "chat"
         elif method == "POST" and path == AUDIO_SPEECH_PATH:
             route = "speech"
+        elif method == "POST" and path == EMBEDDINGS_PATH:
+            route = "embeddings"
         else:
             message = f"Invalid URL ({req.method} {req.path})"
             return await self._send_error(writer, req, 404, message, "invalid_request_error", None)
+        if route == "speech":
+            return await self._route(route, model_id, path, req, reader, writer)
+        if self.one_request_at_a_time:
+            self._waiting += 1
+            try:
+                await self._serial.acquire()
+            finally:
+                self._waiting -= 1
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            return await self._route(route, model_id, path, req, reader, writer)
+        finally:
+            self._in_flight -= 1
+            if self.one_request_at_a_time:
+                self._serial.release()
 
+    async def _route(
+        self,
+        route: str,
+        model_id: str | None,
+        path: str,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         plan = self._take_plan(path)
         fault = plan.fault if plan is not None else None
         if plan is not None and fault in _STATUS_FAULTS:
@@ -1189,6 +1270,8 @@ class OpenAISimulator:
             return await self._send_json_with_fault(reader, writer, req, self._model_object(model_id), plan)
         if route == "speech":
             return await self._speech(req, reader, writer, plan)
+        if route == "embeddings":
+            return await self._embeddings(req, reader, writer, plan)
         return await self._chat(req, reader, writer, plan)
 
     def _model_object(self, model_id: str) -> dict[str, Any]:
@@ -1313,6 +1396,13 @@ class OpenAISimulator:
             kind = rf.get("type") if isinstance(rf, dict) else None
             if kind not in ("text", "json_object", "json_schema"):
                 return 400, "Invalid 'response_format.type'.", "response_format.type", "invalid_value"
+            if self.response_formats is not None and kind not in self.response_formats:
+                allowed = " or ".join(f"'{k}'" for k in self.response_formats)
+                message = (
+                    "1 validation error for CreateChatCompletionRequest: response_format.type: "
+                    f"Input should be {allowed} [type=literal_error, input_value={kind!r}]"
+                )
+                return 500, message, "response_format.type", None
             if kind == "json_schema":
                 spec = rf.get("json_schema")
                 if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
@@ -1339,6 +1429,9 @@ class OpenAISimulator:
             obj = schema_example(schema or {}, answer=reply, answer_field=self.answer_field)
             return _dumps(obj), True
         if kind == "json_object":
+            schema = rf.get("schema") if isinstance(rf, dict) else None
+            if isinstance(schema, dict):
+                return _dumps(schema_example(schema, answer=reply, answer_field=self.answer_field)), True
             return _dumps({self.answer_field: reply}), True
         return reply, False
 
@@ -1421,6 +1514,13 @@ class OpenAISimulator:
         fault = plan.fault if plan is not None else None
         if fault is Fault.INVALID_JSON:
             content = (content[:-1] if content.endswith("}") else content) + ",}"
+        if plan is not None:
+            if plan.raw_newlines:
+                content = content.replace("\\n", "\n")
+            if plan.fence:
+                content = f"```json\n{content}\n```"
+            if plan.trailing_text:
+                content += plan.trailing_text
         finish_reason = "stop"
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(max_tokens, int) and max_tokens > 0 and approx_tokens(content) > max_tokens:
@@ -1523,6 +1623,12 @@ class OpenAISimulator:
             if i > 0 and timing.inter_chunk_delay_ms > 0:
                 await asyncio.sleep(timing.inter_chunk_delay_ms / 1000)
             await out.send(self._chunk(ctx, {"content": piece}, None))
+            if self.one_request_at_a_time and self.interrupt_streams and self._waiting:
+                # llama-cpp-python: another request is waiting for the model, so this stream ends here.
+                self.streams_interrupted += 1
+                await out.send(b"data: [DONE]\n\n")
+                await out.finish()
+                return keep_alive
         if fault is Fault.STALL:  # content shorter than after_chunks
             await self._stall(reader, plan.stall_s if plan is not None else None)
             return False
@@ -1664,3 +1770,30 @@ class OpenAISimulator:
             return False
         await out.finish()
         return keep_alive
+
+    # ------------------------------------------------------------------------------------ embeddings
+
+    async def _embeddings(
+        self,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        plan: RequestPlan | None,
+    ) -> bool:
+        models = self.embedding_models
+        body = await self._valid_body(req, writer, lambda b: validate_embeddings(b, models))
+        if isinstance(body, bool):
+            return body
+        backend = self.embedding_backends.get(body["model"]) or default_backend()
+        try:
+            payload = embeddings_payload(body, models, backend)
+        except Exception as err:
+            log.exception("openai simulator: embedding backend failed")
+            message = f"embedding backend failed: {err}"
+            return await self._send_error(writer, req, 500, message, "server_error", None)
+        delay = self.embedding_delay_ms
+        if plan is not None and plan.first_token_delay_ms is not None:
+            delay = plan.first_token_delay_ms
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+        return await self._send_json_with_fault(reader, writer, req, payload, plan)

@@ -113,12 +113,12 @@ def test_stream_chunk_first_chunk_metadata_and_slots() -> None:
 # -- structured response -----------------------------------------------------------------------------
 
 
-def test_structured_response_field_order_puts_safety_first() -> None:
+def test_structured_response_field_order_puts_safety_first_then_the_answer() -> None:
     assert list(LLMStructuredResponse.model_fields) == [
         "is_safe",
         "aggression_score",
-        "internal_thought",
         "answer",
+        "internal_thought",
     ]
 
 
@@ -175,8 +175,8 @@ def test_json_schema_for_structured_response() -> None:
     assert spec["strict"] is True
     schema = spec["schema"]
     assert schema["type"] == "object"
-    assert list(schema["properties"]) == ["is_safe", "aggression_score", "internal_thought", "answer"]
-    assert schema["required"] == ["is_safe", "aggression_score", "internal_thought", "answer"]
+    assert list(schema["properties"]) == ["is_safe", "aggression_score", "answer", "internal_thought"]
+    assert schema["required"] == ["is_safe", "aggression_score", "answer", "internal_thought"]
     assert schema["additionalProperties"] is False
     assert schema["properties"]["is_safe"]["type"] == "boolean"
     assert schema["properties"]["aggression_score"]["type"] == "integer"

@@ -19,7 +19,7 @@ def test_defaults_are_valid() -> None:
     assert (config.pool_timeout_s, config.first_token_timeout_s) == (5.0, 15.0)
     assert (config.keepalive_expiry_s, config.warmup_interval_s) == (90.0, 20.0)
     assert config.warmup_endpoint == "/models" and config.warmup_completion is False
-    assert config.warmup_model == "gpt-4o-mini" and config.structured_output == "json_schema"
+    assert config.warmup_model == "gpt-4o-mini" and config.structured_output == "auto"
     assert config.stream_usage is True and config.max_output_tokens == 512
     assert config.temperature == 0.3 and config.provider_name == "openai"
 
@@ -74,7 +74,7 @@ def test_a_local_server_needs_no_key() -> None:
         ({"warmup_endpoint": ""}, "warmup_endpoint must be a non-empty path"),
         ({"warmup_endpoint": "https://other/models"}, "must be relative to base_url"),
         ({"warmup_model": " "}, "warmup_model must be a non-empty string"),
-        ({"structured_output": "xml"}, "structured_output must be one of json_schema, instructions"),
+        ({"structured_output": "xml"}, "structured_output must be one of auto, json_schema, json_object"),
         ({"max_output_tokens": 0}, "max_output_tokens must be a positive integer"),
         ({"max_output_tokens": 1.5}, "max_output_tokens must be a positive integer"),
         ({"temperature": 2.5}, "temperature must be within 0..2"),

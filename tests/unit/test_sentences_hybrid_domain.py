@@ -198,8 +198,8 @@ def test_schema_is_strict_and_keeps_the_field_order() -> None:
     assert list(schema["properties"]) == [
         "is_safe",
         "aggression_score",
-        "internal_thought",
         "answer",
+        "internal_thought",
         "segments",
     ]
     assert schema["required"] == list(schema["properties"]) and schema["additionalProperties"] is False

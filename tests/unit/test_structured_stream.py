@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.models import LLMStructuredResponse
 from voxcore.core.domain.structured import (
+    MAX_PREAMBLE_CHARS,
     FieldValue,
     ObjectComplete,
     StreamEvent,
@@ -360,10 +361,10 @@ def test_infinite_float_literal_matches_json_loads() -> None:
 INVALID = [
     ("", "ended"),
     ("   ", "ended"),
-    ("[1, 2]", "expected a JSON object"),
-    ('"answer"', "expected a JSON object"),
-    ("42", "expected a JSON object"),
-    ("null", "expected a JSON object"),
+    ("[1, 2]", "ended"),
+    ('"answer"', "ended"),
+    ("42", "ended"),
+    ("null", "ended"),
     ("{'answer': 'x'}", "expected a field name or '}'"),
     ('{answer: "x"}', "expected a field name"),
     ('{"a" 1}', "expected ':'"),
@@ -400,15 +401,6 @@ INVALID = [
     ('{"a": "x\\U0416"}', "invalid escape"),
     ('{"a": "x\\u04g6"}', "not a hex digit"),
     ('{"a": "x\\u04"}', "not a hex digit"),
-    ('{"a": "line\nbreak"}', "control character"),
-    ('{"a": "tab\there"}', "control character"),
-    ('{"a\x00": 1}', "control character"),
-    ('{"answer": "unit separator \x1f"}', "control character"),
-    ('{"a": 1}}', "after the end"),
-    ('{"a": 1} x', "after the end"),
-    ('{"a": 1}{}', "after the end"),
-    ('{"a": 1},', "after the end"),
-    ('\ufeff{"a": 1}', "expected a JSON object"),
     ('{"a": 1, "a": 2}', "duplicate top-level field 'a'"),
     ('{"answer": "x", "answer": "y"}', "duplicate top-level field 'answer'"),
     ('{"answer": 5}', "must be a JSON string"),
@@ -418,6 +410,7 @@ INVALID = [
     ('{"answer": {"text": "x"}}', "must be a JSON string"),
     ('{"answer": -1}', "must be a JSON string"),
     ('{"a": 1', "ended"),
+    ("x" * 201 + '{"a": 1}', "within 200 characters"),
     ('{"answer": "unterminated', "ended"),
     ('{"answer": "x\\', "ended"),
     ('{"answer": "x\\u00', "ended"),
@@ -596,8 +589,14 @@ def _reference(text: str) -> dict[str, object] | None:
     def no_constants(name: str) -> object:
         raise ValueError(f"{name} is not JSON")
 
+    # The parser's tolerance: raw control characters in strings, a short preamble before the first '{',
+    # anything after the object.
+    start = text.find("{")
+    if start < 0 or len("".join(text[:start].split())) > MAX_PREAMBLE_CHARS:
+        return None
+    decoder = json.JSONDecoder(object_pairs_hook=pairs_hook, parse_constant=no_constants, strict=False)
     try:
-        value = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=no_constants)
+        value, _end = decoder.raw_decode(text, start)
     except ValueError:
         return None
     if not isinstance(value, dict):
@@ -617,7 +616,7 @@ _NOISE = st.sampled_from(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=structured_texts(), data=st.data())
-def test_mutated_text_is_accepted_exactly_when_json_loads_accepts_it(
+def test_mutated_text_is_accepted_exactly_when_a_lenient_json_decoder_accepts_it(
     case: tuple[str, str, dict[str, Any]], data: st.DataObject
 ) -> None:
     text = case[0]
@@ -668,3 +667,31 @@ def test_a_200_kb_answer_in_one_character_fragments_is_linear() -> None:
     assert "".join(received) == answer
     assert parser.close()["answer"] == answer
     assert elapsed < 20.0, f"feeding {len(text)} one-character fragments took {elapsed:.1f} s"
+
+
+# -- tolerance of what real models emit ---------------------------------------------------------------------
+
+TOLERATED = [
+    # raw control characters inside strings (grammar-constrained servers emit them)
+    ('{"is_safe": true, "answer": "строка\nвторая\tтаб"}', "строка\nвторая\tтаб", 0, 0),
+    ('{"a\x00": 1, "answer": "x\x1fy"}', "x\x1fy", 0, 0),
+    # a markdown fence or a short preamble before the object, text after it
+    ('```json\n{"answer": "да"}\n```', "да", 7, 4),
+    ('Ответ: {"answer": "да"} Надеюсь, помог.', "да", 6, 16),
+    ('\ufeff{"answer": "да"}', "да", 1, 0),
+    ('{"answer": "да"}}{}', "да", 0, 3),
+]
+
+
+@pytest.mark.parametrize(("text", "answer", "skipped", "trailing"), TOLERATED)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_tolerated_text(text: str, answer: str, skipped: int, trailing: int, step: int) -> None:
+    parser = StructuredStreamParser()
+    deltas: list[str] = []
+    for start in range(0, len(text), step):
+        for event in parser.feed(text[start : start + step]):
+            if isinstance(event, TextDelta):
+                deltas.append(event.text)
+    assert parser.is_complete
+    assert "".join(deltas) == answer and parser.close()["answer"] == answer
+    assert parser.skipped_chars == skipped and parser.trailing_chars == trailing

@@ -7,7 +7,7 @@
     404                                       -> LLMModelNotFoundError (chat; other paths: LLMBadRequestError)
     400, 409, 413, 422 and other 4xx          -> LLMBadRequestError
     429                                       -> LLMRateLimitedError(retry_after)
-    5xx                                       -> LLMServerError(status)
+    5xx                                       -> LLMServerError(status, retry_after)
 
     httpx exception                           -> error
     TimeoutException (connect/read/write/pool)-> LLMTimeoutError
@@ -103,7 +103,7 @@ def error_for_status(
     Args:
         status: The HTTP status (>= 400, or an unexpected 1xx/3xx).
         body: The response body (the provider's error JSON, usually).
-        headers: The response headers (``Retry-After`` for 429).
+        headers: The response headers (``Retry-After`` for 429 and 5xx, typically 503).
         what: What was asked, for the message (e.g. ``POST /chat/completions``).
         model: The model the request named; ``None`` for requests without one (handshake, ping), where
             a 404 means a wrong path rather than an unknown model.
@@ -120,7 +120,7 @@ def error_for_status(
     if status == 429:
         return LLMRateLimitedError(text, retry_after=retry_after_seconds(headers))
     if status >= 500:
-        return LLMServerError(text, status=status)
+        return LLMServerError(text, status=status, retry_after=retry_after_seconds(headers))
     return LLMBadRequestError(text)
 
 

@@ -16,14 +16,23 @@ from opentelemetry import metrics, trace
 from pydantic import BaseModel, ValidationError
 
 from voxcore.adapters.openai._errors import error_for_exception, error_for_status, provider_message
+from voxcore.adapters.openai.concurrency import Slot, gate_for
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import DURATION_BUCKETS, connection_reused
+from voxcore.adapters.openai.structured_output import (
+    Variant,
+    apply_variant,
+    first_variant,
+    next_variant,
+    refusal_hint,
+    refuses_response_format,
+    remember,
+)
 from voxcore.core.domain.models import (
     MAX_AGGRESSION,
     MIN_AGGRESSION,
     ConversationMessage,
     LLMStreamChunk,
-    json_schema_for,
 )
 from voxcore.core.domain.structured import (
     FieldValue,
@@ -33,7 +42,13 @@ from voxcore.core.domain.structured import (
     TextComplete,
     TextDelta,
 )
-from voxcore.core.ports.errors import LLMError, LLMProtocolError, LLMTimeoutError
+from voxcore.core.ports.errors import (
+    LLMBadRequestError,
+    LLMError,
+    LLMProtocolError,
+    LLMServerError,
+    LLMTimeoutError,
+)
 from voxcore.core.ports.llm import AbstractLLMClient, GenerationResult, Prompt, TokenUsage
 from voxcore.events import emit
 
@@ -74,12 +89,6 @@ def _histograms(meter: metrics.Meter) -> tuple[metrics.Histogram, metrics.Histog
 
 # The API's proxy meter: instruments bind to the real provider once a host installs one.
 _operation_duration, _time_to_first_chunk = _histograms(_meter)
-
-
-@functools.lru_cache(maxsize=64)
-def _response_format(response_model: type[BaseModel]) -> dict[str, Any]:
-    """``response_format`` of a model, built once per model (it is never mutated)."""
-    return json_schema_for(response_model)
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,7 +159,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
     in every case (also when the consumer stops early: close the generator, e.g. with
     ``contextlib.aclosing``), one ``llm_error`` event is logged and :attr:`last_result` keeps its value.
     Timeouts: ``first_token_timeout_s`` bounds request sent -> first content token; after that httpx's
-    read timeout bounds the silence between chunks.
+    read timeout bounds the silence between chunks, and ``turn_timeout_s`` the whole turn.
 
     Args:
         config: Provider and request settings.
@@ -184,6 +193,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             "server.port": config.server_port,
         }
         self._last_result: GenerationResult | None = None
+        self._tolerance_logged = False
 
     @property
     def config(self) -> OpenAIConfig:
@@ -243,6 +253,113 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             model=model,
         )
 
+    async def _read_streamed(
+        self, http_client: httpx.AsyncClient, body: dict[str, Any], model: str
+    ) -> tuple[httpx.Response, dict[str, Any] | None]:
+        """POST a streamed completion and assemble it into the shape of a non-streamed one.
+
+        A stream that ends without a ``finish_reason`` was cut by the server (llama.cpp ends a running
+        stream with ``[DONE]`` when another request arrives): that is an error, never a short text.
+        """
+        what = f"POST {CHAT_PATH}"
+        async with http_client.stream("POST", CHAT_PATH, json=body) as response:
+            if not response.is_success:
+                await response.aread()
+                return response, None
+            parts: list[str] = []
+            finish_reason: object = None
+            usage: object = None
+            name: object = None
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    obj = json.loads(data)
+                except ValueError as exc:
+                    raise LLMProtocolError(
+                        f"{what}: malformed SSE data from the provider: {data[:200]!r}"
+                    ) from exc
+                if not isinstance(obj, dict):
+                    continue
+                name = obj.get("model", name)
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                choice = _first_choice(obj)
+                if choice is None:
+                    continue
+                delta = choice.get("delta")
+                piece = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(piece, str):
+                    parts.append(piece)
+                if choice.get("finish_reason") is not None:
+                    finish_reason = choice["finish_reason"]
+            if finish_reason is None:
+                raise LLMProtocolError(
+                    f"{what} (model {model}): the stream ended without a finish_reason (cut by the server "
+                    f"after {len(parts)} pieces)"
+                )
+        payload = {
+            "model": name,
+            "choices": [{"message": {"content": "".join(parts)}, "finish_reason": finish_reason}],
+            "usage": usage,
+        }
+        return response, payload
+
+    def _tolerated(self, parser: StructuredStreamParser, model: str) -> None:
+        """Log (once per client at WARNING, then at DEBUG) text around the JSON object that was ignored."""
+        level = logging.DEBUG if self._tolerance_logged else logging.WARNING
+        self._tolerance_logged = True
+        emit(
+            log,
+            "structured_text_ignored",
+            level,
+            model=model,
+            skipped_chars=parser.skipped_chars,
+            trailing_chars=parser.trailing_chars,
+        )
+
+    def _refused(
+        self,
+        status: int,
+        response: httpx.Response,
+        variant: Variant,
+        body: dict[str, Any],
+        messages: list[ConversationMessage],
+        response_model: type[BaseModel],
+    ) -> Variant:
+        """After an error status: the next structured-output variant to try, or the error to raise."""
+        config = self._config
+        model = body["model"]
+        what = f"POST {CHAT_PATH}"
+        error = error_for_status(status, response.content, response.headers, what=what, model=model)
+        if not refuses_response_format(status, response.content):
+            raise error
+        mode = config.structured_output
+        following = next_variant(mode, variant)
+        if following is None:
+            hint = refusal_hint(mode, variant)
+            message = f"{error} [structured_output {variant} refused: {hint}]"
+            if isinstance(error, LLMServerError):
+                raise LLMServerError(message, status=status, transient=False)
+            raise LLMBadRequestError(message)
+        remember(config.base_url, mode, following)
+        emit(
+            log,
+            "structured_output_fallback",
+            logging.WARNING,
+            base_url=config.base_url,
+            refused=variant,
+            now=following,
+            status=status,
+            setting=f"llm.structured_output={mode}",
+            message=provider_message(response.content),
+        )
+        apply_variant(body, messages, following, response_model)
+        return following
+
     # -- streaming --------------------------------------------------------------------------------
 
     async def stream_structured_generate(
@@ -268,7 +385,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         Raises:
             LLMAuthError, LLMModelNotFoundError, LLMBadRequestError, LLMRateLimitedError, LLMServerError:
                 the provider refused the request (HTTP status).
-            LLMTimeoutError: connecting, the first token or a later chunk took too long.
+            LLMTimeoutError: connecting, the first token or a later chunk took too long, or the whole
+                turn outlived ``turn_timeout_s``.
             LLMProtocolError: malformed SSE, a stream cut short, or an answer that is not valid JSON of
                 ``response_model``.
         """
@@ -283,8 +401,9 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         }
         if config.stream_usage:
             body["stream_options"] = {"include_usage": True}
-        if config.structured_output == "json_schema":
-            body["response_format"] = _response_format(response_model)
+        mode = config.structured_output
+        variant = first_variant(config.base_url, mode)
+        apply_variant(body, messages, variant, response_model)
         defaults = _metadata_defaults(response_model)
 
         clock = self._clock
@@ -326,20 +445,36 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                 emit, log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages)
             )
         )
+        gate = gate_for(config.base_url, config.max_concurrent_requests)
+        slot: Slot | None = None
         sent = clock()
+        now = loop.time()
+        # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
+        # while the generator waits for the network and disarmed while chunks are yielded, so it can never
+        # cancel the consumer's code between two chunks; a turn deadline that passed meanwhile fires at the
+        # next wait.
+        turn_at = now + config.turn_timeout_s
+        first_token_at = now + config.first_token_timeout_s
         try:
             try:
-                # Armed until the first content token, and again for the tail once the answer is complete;
-                # never while chunks are yielded, so it cannot cancel the consumer's code between two chunks.
-                async with asyncio.timeout(config.first_token_timeout_s) as first_token_deadline:
-                    async with http_client.stream("POST", CHAT_PATH, json=body) as response:
-                        status = response.status_code
-                        reused = connection_reused(response)
-                        if not response.is_success:
+                async with asyncio.timeout_at(min(first_token_at, turn_at)) as first_token_deadline:
+                    if gate is not None:
+                        slot = await gate.acquire_turn()
+                    while True:
+                        response = await http_client.send(
+                            http_client.build_request("POST", CHAT_PATH, json=body), stream=True
+                        )
+                        if response.is_success:
+                            break
+                        try:
                             await response.aread()
-                            raise error_for_status(
-                                status, response.content, response.headers, what=what, model=model
-                            )
+                        finally:
+                            await response.aclose()
+                        status = response.status_code
+                        variant = self._refused(status, response, variant, body, messages, response_model)
+                    status = response.status_code
+                    reused = connection_reused(response)
+                    try:
                         lines = response.aiter_lines()
                         try:
                             async for line in lines:
@@ -375,9 +510,9 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                             f"mid-stream: {message}"
                                         ) from None
                                 if content:
+                                    first_token_deadline.reschedule(None)
                                     if first_at is None:
                                         first_at = clock()
-                                        first_token_deadline.reschedule(None)
                                         ttft_s = first_at - sent
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
                                         self._ttfc.record(ttft_s, self._metric_attributes(model))
@@ -422,11 +557,13 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         for text in pending:
                                             yield LLMStreamChunk(text)
                                         pending.clear()
-                                    if completed and not tail_armed:
-                                        # Nothing is yielded inside this block any more (the object is
-                                        # closed), so the deadline can be armed again for the tail.
-                                        tail_armed = True
-                                        first_token_deadline.reschedule(loop.time() + _TAIL_S)
+                                    if completed:
+                                        if not tail_armed:
+                                            # Nothing is yielded any more (the object is closed): the rest
+                                            # of the stream gets a short deadline of its own.
+                                            tail_armed = True
+                                            turn_at = min(turn_at, loop.time() + _TAIL_S)
+                                    first_token_deadline.reschedule(turn_at)
                                     # finish_reason/usage rarely ride on a content chunk: only the last
                                     # one is checked, after the loop (keeps two lookups off the hot path).
                                     last_content = obj
@@ -472,11 +609,18 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                             aclose = getattr(lines, "aclose", None)
                             if aclose is not None:
                                 await aclose()
+                    finally:
+                        await response.aclose()
             except TimeoutError as exc:
                 if not completed:
+                    if first_at is None and first_token_at <= turn_at:
+                        raise LLMTimeoutError(
+                            f"{what} (model {model}): no content within first_token_timeout_s="
+                            f"{config.first_token_timeout_s:g} s"
+                        ) from exc
                     raise LLMTimeoutError(
-                        f"{what} (model {model}): no content within first_token_timeout_s="
-                        f"{config.first_token_timeout_s:g} s"
+                        f"{what} (model {model}): the turn did not finish within turn_timeout_s="
+                        f"{config.turn_timeout_s:g} s (llm.timeouts.turn_s; {chunks} chunks received)"
                     ) from exc
                 # The whole answer arrived; only the tail (usage, [DONE]) was lost.
                 emit(log, "stream_tail_timeout", logging.WARNING, model=model, tail_s=_TAIL_S)
@@ -496,6 +640,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                 raise LLMProtocolError(
                     f"{what} (model {model}): invalid structured answer{reason_text}: {exc}"
                 ) from exc
+            if parser.has_trailing_text or parser.skipped_chars:
+                self._tolerated(parser, model)
             succeeded = True
         except LLMError as exc:
             error = exc
@@ -507,6 +653,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             error = LLMProtocolError(f"{what} (model {model}): invalid structured answer: {exc}")
             raise error from exc
         finally:
+            if slot is not None:
+                slot.release()
             if error is not None:
                 self._failed(span, error, model=model, status=status, elapsed_s=clock() - sent)
                 span.end()
@@ -563,7 +711,12 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         *,
         max_tokens: int | None = None,
     ) -> str:
-        """A non-streamed completion's text (stripped), e.g. for summaries.
+        """A completion's text (stripped), e.g. for summaries: background work that gives way to turns.
+
+        With ``max_concurrent_requests`` set, the request waits for a slot of the provider's gate while
+        turns hold or want them, is streamed (so that a server such as llama.cpp can stop it between two
+        tokens) and, when a turn needs its slot, is dropped and asked again once the turn is done
+        (event ``background_request_preempted``). Otherwise it is one non-streamed request.
 
         Args:
             http_client: A client whose ``base_url`` is the provider's API root.
@@ -574,6 +727,37 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         Raises:
             LLMError: the same typed errors as :meth:`stream_structured_generate`.
         """
+        gate = gate_for(self._config.base_url, self._config.max_concurrent_requests)
+        if gate is None:
+            return await self._complete(http_client, prompt, model, max_tokens, streamed=False)
+        while True:
+            slot = await gate.acquire_background()
+            request = asyncio.create_task(
+                self._complete(http_client, prompt, model, max_tokens, streamed=True),
+                name="voxcore-llm-background",
+            )
+            assert slot.preempted is not None
+            preempted = asyncio.create_task(slot.preempted.wait(), name="voxcore-llm-preempt-watch")
+            try:
+                await asyncio.wait({request, preempted}, return_when=asyncio.FIRST_COMPLETED)
+                if request.done():
+                    return request.result()
+                emit(log, "background_request_preempted", model=model, base_url=self._config.base_url)
+            finally:
+                for task in (request, preempted):
+                    task.cancel()
+                await asyncio.gather(request, preempted, return_exceptions=True)
+                slot.release()
+
+    async def _complete(
+        self,
+        http_client: httpx.AsyncClient,
+        prompt: Prompt,
+        model: str,
+        max_tokens: int | None,
+        *,
+        streamed: bool,
+    ) -> str:
         config = self._config
         messages = _messages(prompt)
         limit = config.max_output_tokens if max_tokens is None else max_tokens
@@ -598,14 +782,19 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             sent = clock()
             try:
                 try:
-                    response = await http_client.post(CHAT_PATH, json=body)
+                    if streamed:
+                        body["stream"] = True
+                        response, streamed_payload = await self._read_streamed(http_client, body, model)
+                    else:
+                        response = await http_client.post(CHAT_PATH, json=body)
+                        streamed_payload = None
                 except httpx.HTTPError as exc:
                     raise error_for_exception(exc, what=what, base_url=config.base_url) from exc
                 status = response.status_code
                 if not response.is_success:
                     raise error_for_status(status, response.content, response.headers, what=what, model=model)
                 try:
-                    payload = response.json()
+                    payload = response.json() if streamed_payload is None else streamed_payload
                     choice = payload["choices"][0]
                     content = choice["message"]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as exc:

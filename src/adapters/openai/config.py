@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import urlsplit
 
+from voxcore.adapters.openai.structured_output import STRUCTURED_OUTPUTS as _STRUCTURED_OUTPUTS
+from voxcore.adapters.openai.structured_output import StructuredOutput
 from voxcore.core.ports.errors import ConfigurationError
 
-StructuredOutput = Literal["json_schema", "instructions"]
-_STRUCTURED_OUTPUTS: tuple[StructuredOutput, ...] = ("json_schema", "instructions")
+__all__ = ["OpenAIConfig", "StructuredOutput"]
 _POSITIVE_SECONDS = (
     "connect_timeout_s",
     "write_timeout_s",
     "read_timeout_s",
     "pool_timeout_s",
     "first_token_timeout_s",
+    "turn_timeout_s",
     "keepalive_expiry_s",
     "warmup_interval_s",
 )
@@ -40,6 +41,8 @@ class OpenAIConfig:
         read_timeout_s: Longest silence between two received pieces of a response (e.g. stream chunks).
         pool_timeout_s: Waiting for a free connection of the pool.
         first_token_timeout_s: Request sent -> first content token of a stream.
+        turn_timeout_s: The whole streamed turn: call -> last chunk (``llm.timeouts.turn_s``). A stream that
+            trickles chunks just often enough to beat ``read_timeout_s`` still ends here.
         keepalive_expiry_s: Idle pooled connections are closed after this; must outlive
             ``warmup_interval_s`` so that the warm-up keeps the connection open.
         warmup_interval_s: Idle time after which the warm-up loop pings the provider.
@@ -47,13 +50,19 @@ class OpenAIConfig:
         warmup_completion: Also send a 1-token completion to ``warmup_model`` on every warm-up.
         warmup_model: Model of the warm-up completion.
         structured_output: ``json_schema`` sends ``response_format`` (strict JSON schema);
-            ``instructions`` sends none (the prompt itself asks for JSON).
+            ``json_object`` sends JSON mode (with the schema, for servers that take it) and puts the
+            schema in the prompt; ``instructions`` sends none (the prompt itself asks for JSON);
+            ``auto`` tries them in that order and remembers per base URL what the server accepts
+            (see ``voxcore.adapters.openai.structured_output``).
         stream_usage: Ask for token usage in the last streamed chunk (``stream_options.include_usage``).
         max_output_tokens: ``max_tokens`` of a streamed answer.
         temperature: Sampling temperature, 0..2.
         provider_name: ``gen_ai.provider.name`` in telemetry.
         max_connections: Connection pool bound of one manager (one phone call).
         max_keepalive_connections: Idle connections the pool keeps open.
+        max_concurrent_requests: Requests in flight at once to this ``base_url`` across the process
+            (``None``: unlimited). With 1 (llama.cpp, single-GPU servers that serve one request at a
+            time), a background summary waits for the turn and gives way to the next one.
     """
 
     base_url: str = "https://api.openai.com/v1"
@@ -64,18 +73,20 @@ class OpenAIConfig:
     read_timeout_s: float = 30.0
     pool_timeout_s: float = 5.0
     first_token_timeout_s: float = 15.0
+    turn_timeout_s: float = 60.0
     keepalive_expiry_s: float = 90.0
     warmup_interval_s: float = 20.0
     warmup_endpoint: str = "/models"
     warmup_completion: bool = False
     warmup_model: str = "gpt-4o-mini"
-    structured_output: StructuredOutput = "json_schema"
+    structured_output: StructuredOutput = "auto"
     stream_usage: bool = True
     max_output_tokens: int = 512
     temperature: float = 0.3
     provider_name: str = "openai"
     max_connections: int = 8
     max_keepalive_connections: int = 4
+    max_concurrent_requests: int | None = None
 
     def __post_init__(self) -> None:
         _check_base_url(self.base_url)
@@ -117,6 +128,11 @@ class OpenAIConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"OpenAIConfig.{name} must be a positive integer, got {value!r}")
+        limit = self.max_concurrent_requests
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ConfigurationError(
+                f"OpenAIConfig.max_concurrent_requests must be a positive integer or None, got {limit!r}"
+            )
         if self.max_keepalive_connections > self.max_connections:
             raise ConfigurationError(
                 f"OpenAIConfig.max_keepalive_connections ({self.max_keepalive_connections}) must not exceed "

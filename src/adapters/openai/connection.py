@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -15,6 +17,7 @@ import httpx
 from opentelemetry import metrics, trace
 
 from voxcore.adapters.openai._errors import error_for_exception, error_for_status
+from voxcore.adapters.openai.concurrency import gate_for
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.core.ports.errors import LLMError, LLMTimeoutError
 from voxcore.core.ports.llm import LLMConnectionManager
@@ -100,14 +103,95 @@ def connection_reused(response: httpx.Response) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+#: The warm-up never pings more often than this, whatever the server's keep-alive.
+MIN_WARMUP_INTERVAL_S: Final = 0.5
+# Share of a server's keep-alive timeout after which an idle connection is pinged.
+_KEEPALIVE_MARGIN: Final = 0.6
+_KEEPALIVE_TIMEOUT: Final = re.compile(r"timeout\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
+
+
+def keep_alive_timeout(headers: httpx.Headers) -> float | None:
+    """Seconds from a ``Keep-Alive: timeout=N`` response header, when the server sent one."""
+    raw = headers.get("keep-alive")
+    match = _KEEPALIVE_TIMEOUT.search(raw) if raw else None
+    if match is None:
+        return None
+    value = float(match.group(1))
+    return value if value > 0 else None
+
+
+class _TrackedStream(httpx.AsyncByteStream):
+    """A response body that tells its manager when it ends (read to the end, or closed early)."""
+
+    __slots__ = ("_inner", "_manager", "_complete", "_closed")
+
+    def __init__(self, inner: httpx.AsyncByteStream, manager: OpenAIConnectionManager) -> None:
+        self._inner = inner
+        self._manager = manager
+        self._complete = False
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._inner:
+            yield part
+        self._complete = True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._inner.aclose()
+        finally:
+            self._manager._request_ended(complete=self._complete)
+
+
+class _TrackingTransport(httpx.AsyncBaseTransport):
+    """Counts the requests in flight and learns the server's keep-alive, around the real transport."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, manager: OpenAIConnectionManager) -> None:
+        self._inner = inner
+        self._manager = manager
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        manager = self._manager
+        idle_s = manager._request_started()
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException:
+            manager._request_ended(complete=False)
+            raise
+        probe = request.extensions.get("trace")
+        manager._observe(response.headers, idle_s, isinstance(probe, _ConnectProbe) and probe.connected)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_TrackedStream(response.stream, manager),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
     """Owns one phone call's warm connection to an OpenAI-compatible provider.
 
     :meth:`start` builds one ``httpx.AsyncClient`` (HTTP/2 when negotiated, keep-alive, the process-wide
     SSL context) and does the handshake: one light ``GET config.warmup_endpoint`` that opens and
     measures the connection and checks the key. A background loop then keeps the connection warm: once
-    the client has been idle for ``warmup_interval_s`` it pings again (and, with ``warmup_completion``,
+    the client has been idle for the warm-up interval it pings again (and, with ``warmup_completion``,
     sends a 1-token completion). Ping failures are logged and never stop the loop.
+
+    The warm-up never disturbs a turn (on llama.cpp any new request ends the stream that is running):
+    idle time counts from the *end* of the last response, and no ping goes out while a request of this
+    manager is in flight, nor while any request to the same base URL holds a slot of the process's
+    :class:`~voxcore.adapters.openai.concurrency.ProviderGate` (``max_concurrent_requests``). The
+    interval (:attr:`warmup_interval_s`) adapts to the server: at most 60 % of a ``Keep-Alive:
+    timeout=N`` it announced, and at most half of an idle time after which its connection was found
+    closed (learned when a request after that idle time had to dial anew), never below 0.5 s (unless
+    configured so).
 
     Connection reuse is observed without touching private httpx state: the client's request hook
     attaches a httpcore ``trace`` probe to every request, and the response hook stores in
@@ -153,7 +237,15 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
         self._client: httpx.AsyncClient | None = None
         self._starting: asyncio.Task[None] | None = None
         self._warmup_task: asyncio.Task[None] | None = None
-        self._last_activity = 0.0  # event-loop time of the last request sent by the client
+        self._last_end = 0.0  # event-loop time the last response ended (or the last request failed)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pool_warm = False  # the last response was read to its end: its connection is pooled
+        self._server_keepalive_s: float | None = None
+        self._learned_close_s: float | None = None
+        self._connections_found_closed = 0
+        self._wake = asyncio.Event()
         self._connections_opened = 0
         self._pings = 0
         self._ping_failures = 0
@@ -191,6 +283,26 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
     def ping_failures(self) -> int:
         """Warm-up pings that failed (error status, timeout, connection error)."""
         return self._ping_failures
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this manager's client whose response has not ended yet."""
+        return self._in_flight
+
+    @property
+    def warmup_interval_s(self) -> float:
+        """The warm-up interval in force: the configured one, shortened to the server's keep-alive."""
+        interval = self._config.warmup_interval_s
+        if self._server_keepalive_s is not None:
+            interval = min(interval, self._server_keepalive_s * _KEEPALIVE_MARGIN)
+        if self._learned_close_s is not None:
+            interval = min(interval, self._learned_close_s / 2)
+        return max(interval, min(MIN_WARMUP_INTERVAL_S, self._config.warmup_interval_s))
+
+    @property
+    def connections_found_closed(self) -> int:
+        """Requests that found the idle pooled connection closed by the server and dialed anew."""
+        return self._connections_found_closed
 
     @property
     def handshake_ms(self) -> float | None:
@@ -273,6 +385,11 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
             "request": [self._on_request],
             "response": [self._on_response],
         }
+        limits = httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_keepalive_connections,
+            keepalive_expiry=config.keepalive_expiry_s,
+        )
         return httpx.AsyncClient(
             base_url=config.base_url,
             headers=headers,
@@ -283,17 +400,65 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
                 pool=config.pool_timeout_s,
             ),
             http2=config.http2,
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
-                keepalive_expiry=config.keepalive_expiry_s,
-            ),
+            limits=limits,
             verify=self._ssl_context or shared_ssl_context(),
             event_hooks=hooks,
+            transport=_TrackingTransport(
+                httpx.AsyncHTTPTransport(
+                    http2=config.http2,
+                    limits=limits,
+                    verify=self._ssl_context or shared_ssl_context(),
+                ),
+                self,
+            ),
         )
 
+    def _request_started(self) -> float | None:
+        """Count a request in; returns how long the pooled connection had been idle, when it was."""
+        idle_s = None
+        if self._in_flight == 0:
+            self._idle.clear()
+            if self._pool_warm:
+                idle_s = asyncio.get_running_loop().time() - self._last_end
+        self._in_flight += 1
+        return idle_s
+
+    def _request_ended(self, *, complete: bool) -> None:
+        self._in_flight = max(0, self._in_flight - 1)
+        self._pool_warm = complete
+        self._last_end = asyncio.get_running_loop().time()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _observe(self, headers: httpx.Headers, idle_s: float | None, dialed: bool) -> None:
+        """Learn the server's keep-alive from a response (its header, or a connection found closed)."""
+        announced = keep_alive_timeout(headers)
+        if announced is not None and announced != self._server_keepalive_s:
+            self._server_keepalive_s = announced
+            self._wake.set()
+            emit(
+                log,
+                "keep_alive_learned",
+                source="header",
+                timeout_s=announced,
+                interval_s=self.warmup_interval_s,
+            )
+        if dialed and idle_s is not None and idle_s < self._config.keepalive_expiry_s:
+            # The pool held a connection, idle for idle_s, and the request had to dial anew: the server
+            # closed it in the meantime. Ping sooner than that from now on.
+            self._connections_found_closed += 1
+            if self._learned_close_s is None or idle_s < self._learned_close_s:
+                self._learned_close_s = idle_s
+                self._wake.set()
+                emit(
+                    log,
+                    "keep_alive_learned",
+                    source="closed_connection",
+                    idle_s=round(idle_s, 3),
+                    interval_s=self.warmup_interval_s,
+                )
+
     async def _on_request(self, request: httpx.Request) -> None:
-        self._last_activity = asyncio.get_running_loop().time()
         probe = _ConnectProbe(request.extensions.get("trace"), self._count_connection)
         request.extensions = {**request.extensions, "trace": probe}
 
@@ -362,14 +527,25 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
         self._warmup_task = task
 
     async def _warmup_loop(self) -> None:
-        interval = self._config.warmup_interval_s
         loop = asyncio.get_running_loop()
+        gate = gate_for(self._config.base_url, self._config.max_concurrent_requests)
         while True:
-            # Ping only after the client has been idle for a whole interval: a conversation's own
-            # requests keep the connection warm already.
-            idle = loop.time() - self._last_activity
+            # Never while a request is in flight: on a one-request-at-a-time server a ping would end it.
+            if self._in_flight:
+                await self._idle.wait()
+                continue
+            interval = self.warmup_interval_s
+            if gate is not None and gate.in_flight:  # another call's request to the same server
+                await asyncio.sleep(min(interval, 0.25))
+                continue
+            # Ping only after the client has been idle for a whole interval, counted from the end of the
+            # last response: a conversation's own requests keep the connection warm already.
+            idle = loop.time() - self._last_end
             if idle < interval:
-                await asyncio.sleep(interval - idle)
+                self._wake.clear()  # set when the interval shrinks (a keep-alive was learned)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval - idle):
+                        await self._wake.wait()
                 continue
             client = self._client
             if client is None:

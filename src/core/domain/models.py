@@ -54,13 +54,14 @@ class LLMStructuredResponse(BaseModel):
     """The structured answer the LLM is asked to produce.
 
     Field order matters: the safety metadata comes first, so a streaming provider emits it before the
-    answer and the caller can act on it before speaking.
+    answer and the caller can act on it before speaking; the answer comes right after it, so the first
+    speakable word never waits for a thought (a model writes the fields in schema order).
 
     Attributes:
         is_safe: False when the user's message is unsafe to answer normally.
         aggression_score: Aggression of the user's message, 0..10; out-of-range integers are clamped.
-        internal_thought: Optional reasoning that is never spoken.
         answer: The text to speak.
+        internal_thought: Optional reasoning that is never spoken (after the answer).
     """
 
     # The class docstring is for developers; keep it out of the JSON schema the LLM reads.
@@ -68,8 +69,8 @@ class LLMStructuredResponse(BaseModel):
 
     is_safe: bool = Field(default=True, description="Whether the user's message is safe to answer normally.")
     aggression_score: int = Field(default=0, description="Aggression of the user's message, 0 (calm) to 10.")
-    internal_thought: str | None = Field(default=None, description="Private reasoning, never spoken.")
     answer: str = Field(description="The reply to speak to the user.")
+    internal_thought: str | None = Field(default=None, description="Private reasoning, never spoken.")
 
     @field_validator("aggression_score")
     @classmethod

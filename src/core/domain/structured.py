@@ -56,17 +56,22 @@ StreamEvent: TypeAlias = FieldValue | TextDelta | TextComplete | ObjectComplete
 
 # JSON whitespace (RFC 8259): exactly these four characters.
 _WS: Final = re.compile(r"[ \t\n\r]*")
+_WS_ONLY: Final = re.compile(r"[ \t\n\r]")
 # The longest prefix of string content that can be decoded now: plain characters and complete escapes.
 # A high surrogate escape only counts together with its low half, so a pair is never split and a lone
 # high surrogate is left to the character-level state machine (which decides once the next char is known).
 _STRING_RUN: Final = re.compile(
-    r'(?:[^"\\\x00-\x1f]++'
+    r'(?:[^"\\]++'
     r"|\\(?:[\"\\/bfnrt]"
     r"|u(?![dD][89abAB])[0-9a-fA-F]{4}"
     r"|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}))*+"
 )
 _HEX_RUN: Final = re.compile(r"[0-9a-fA-F]*")
 _NUMBER_RUN: Final = re.compile(r"[-+.eE0-9]*")
+#: Characters before the object that are skipped (a markdown fence, "Ответ:"); more is an error.
+MAX_PREAMBLE_CHARS: Final = 200
+# Grammar-constrained servers emit raw newlines and tabs inside strings: decode them as themselves.
+_LENIENT: Final = json.JSONDecoder(strict=False)
 _ESCAPES: Final = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _LITERALS: Final[dict[str, str]] = {"t": "true", "f": "false", "n": "null"}
 _LITERAL_VALUES: Final[dict[str, object]] = {"true": True, "false": False, "null": None}
@@ -75,7 +80,7 @@ _LITERAL_VALUES: Final[dict[str, object]] = {"true": True, "false": False, "null
 _TOP, _KEY_OR_END, _KEY, _COLON, _VALUE, _VALUE_OR_END, _COMMA_OR_END, _DONE = range(8)
 _STRING, _ESCAPE, _HEX, _AFTER_HIGH, _NUMBER, _LITERAL = range(8, 14)
 _EXPECTING: Final = (
-    "'{'",
+    "a JSON object starting with '{'",
     "a field name or '}'",
     "a field name",
     "':'",
@@ -125,9 +130,15 @@ class StructuredStreamParser:
 
     Values decode exactly as ``json.loads`` decodes them, except that ``NaN``/``Infinity`` are rejected
     (they are not JSON) and a repeated top-level field name is an error (its event was already sent).
-    Whitespace may follow the object; anything else is an error. The first error is raised from
-    :meth:`feed` as soon as it is detectable (the events of that fragment are lost) and again from every
-    later call.
+
+    Where it is safe, the parser is tolerant of what real models emit: raw control characters (a newline,
+    a tab) inside strings are kept as they are; up to :data:`MAX_PREAMBLE_CHARS` characters (whitespace
+    aside) before the
+    first ``{`` (a markdown fence, a short preamble) are skipped (:attr:`skipped_chars`); whatever
+    follows the complete object (a closing fence, a remark) is ignored (:attr:`trailing_chars`).
+
+    The first error is raised from :meth:`feed` as soon as it is detectable (the events of that
+    fragment are lost) and again from every later call.
 
     Example::
 
@@ -155,6 +166,9 @@ class StructuredStreamParser:
         "_num_parts",
         "_literal",
         "_literal_len",
+        "_skipped",
+        "_trailing",
+        "_trailing_text",
     )
 
     def __init__(self, stream_field: str = "answer") -> None:
@@ -179,6 +193,24 @@ class StructuredStreamParser:
         self._num_parts: list[str] = []
         self._literal = ""
         self._literal_len = 0
+        self._skipped = 0
+        self._trailing = 0
+        self._trailing_text = False
+
+    @property
+    def skipped_chars(self) -> int:
+        """Characters other than whitespace skipped before the object started (a fence, a preamble)."""
+        return self._skipped
+
+    @property
+    def trailing_chars(self) -> int:
+        """Characters received after the object closed (ignored), whitespace included."""
+        return self._trailing
+
+    @property
+    def has_trailing_text(self) -> bool:
+        """Whether anything but whitespace came after the object (it was ignored)."""
+        return self._trailing_text
 
     @property
     def stream_field(self) -> str:
@@ -268,16 +300,19 @@ class StructuredStreamParser:
                     if end == n:
                         return
                     i = end
-                c = s[i]
-                if c == '"':
+                if s[i] == '"':
                     self._end_string(i, events)
-                elif c == "\\":
+                else:  # a backslash: the run stops only at a quote or an escape
                     self._state = _ESCAPE
-                else:
-                    raise self._fail(i, f"unescaped control character {c!r} in a string")
                 i += 1
             elif state > _DONE:
                 i = self._in_token(s, i, state, events)
+            elif state == _DONE:  # after the object: ignored (a closing fence, a remark)
+                rest = s[i:]
+                self._trailing += len(rest)
+                if not self._trailing_text and rest.strip(" \t\n\r"):
+                    self._trailing_text = True
+                return
             else:
                 i = _WS.match(s, i).end()  # type: ignore[union-attr]  # always matches
                 if i == n:
@@ -310,13 +345,24 @@ class StructuredStreamParser:
                     i += 1
                 elif state == _TOP:
                     if c != "{":
-                        raise self._fail(i, f"expected a JSON object starting with '{{', got {c!r}")
+                        start = s.find("{", i)
+                        preamble = s[i : n if start < 0 else start]
+                        self._skipped += len(preamble) - len(_WS_ONLY.findall(preamble))
+                        if self._skipped > MAX_PREAMBLE_CHARS:
+                            raise self._fail(
+                                i,
+                                f"expected a JSON object starting with '{{', got {c!r} (and no '{{' within "
+                                f"{MAX_PREAMBLE_CHARS} characters)",
+                            )
+                        if start < 0:
+                            return
+                        i = start
                     self._stack.append(self._root)
                     self._keys.append("")
                     self._state = _KEY_OR_END
                     i += 1
                 else:
-                    raise self._fail(i, f"unexpected {c!r} after the end of the JSON object")
+                    raise AssertionError(f"unknown parser state {state}")  # pragma: no cover
 
     def _in_token(self, s: str, i: int, state: int, events: list[StreamEvent]) -> int:
         """Advance inside an escape, number or literal; return the next index to read."""
@@ -496,7 +542,7 @@ class StructuredStreamParser:
 
 def _decode_escapes(segment: str) -> str:
     """Decode a run of string content made of plain characters and complete escapes (C speed)."""
-    decoded: str = json.loads(f'"{segment}"')
+    decoded: str = _LENIENT.decode(f'"{segment}"')
     return decoded
 
 

@@ -11,11 +11,13 @@
                ├── LLMModelNotFoundError     404: unknown model
                ├── LLMBadRequestError        400/422: the request was refused
                ├── LLMRateLimitedError       429 (``retry_after`` seconds)       transient
-               ├── LLMTimeoutError           connect/read/first-token timeout    transient
-               ├── LLMServerError            5xx (``status``)                    transient
+               ├── LLMTimeoutError           connect/read/first-token/turn       transient
+               ├── LLMServerError            5xx (``status``, ``retry_after``)   transient
                └── LLMProtocolError          malformed SSE, stream cut short,
                                              invalid structured JSON             transient
           └── TTSError                    a speech synthesis failed (``transient`` as the cause)
+          └── EmbeddingError              an embedding request failed (``status``, ``retry_after``;
+                                          transient for 408/429/5xx, timeouts, cut connections)
 
 The cache port does not raise at all (SPEC-A: soft returns); these are for the ports that do.
 Adapters translate third-party errors at the boundary (``raise LLMTimeoutError(...) from exc``).
@@ -93,11 +95,15 @@ class LLMServerError(LLMError):
 
     Attributes:
         status: The HTTP status code.
+        retry_after: Seconds the provider asked to wait (``Retry-After`` on a 503), when it said.
     """
 
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message, transient=True)
+    def __init__(
+        self, message: str, *, status: int, retry_after: float | None = None, transient: bool = True
+    ) -> None:
+        super().__init__(message, transient=transient)
         self.status = status
+        self.retry_after = retry_after
 
 
 class LLMProtocolError(LLMError):
@@ -109,3 +115,24 @@ class LLMProtocolError(LLMError):
 
 class TTSError(BackendError):
     """Speech synthesis failed; a partially streamed result must not be cached."""
+
+
+class EmbeddingError(BackendError):
+    """An embedding provider call failed (or answered something that is not a vector per input).
+
+    Attributes:
+        status: The HTTP status, when the provider answered one.
+        retry_after: Seconds the provider asked to wait (429/503 ``Retry-After``), when it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool = False,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, transient=transient)
+        self.status = status
+        self.retry_after = retry_after

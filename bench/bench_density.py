@@ -1,0 +1,452 @@
+"""Density: how many concurrent simulated calls one worker process carries on one core.
+
+Each call is what a host builds with ``container.open_spoken_conversation(session_id)``: its own warm LLM
+connection (handshake + warm-up loop), a ``ConversationManager`` and a ``HybridResponder``. A call takes a
+turn, the answer streams from the OpenAI-compatible SIMULATOR at a realistic token rate (first token after
+``--first-token-ms``, then 4 characters every 20 ms, ~50 tokens/s) and is spoken sentence by sentence
+(TTS through the simulator's ``/v1/audio/speech`` on the first turn, then from the Redis ``tts:*`` cache);
+the reply is consumed at real-time pace, one 20 ms chunk every 20 ms, as a telephony leg would send it.
+Then the caller "speaks" for ``--think-s`` (uniformly 0.5x..1.5x) and takes the next turn.
+
+Measured, per N, in a fresh worker process pinned to one CPU (the simulator and redis-server run as
+separate processes pinned to the other CPU when the machine has two or more):
+
+* CPU per call-second: worker CPU time (user + system) over the measurement window / (N x window);
+* RSS per call: (worker RSS with N calls running - RSS before the first call) / N;
+* ``time_to_first_audio_ms`` (turn start -> first audio chunk, from ``SpokenConversation``): p50/p99 of
+  the turns started in the window, minus the unloaded p50 (N = 1, same run);
+* late chunks: a chunk is late when it arrives more than one chunk (20 ms, a one-chunk jitter buffer)
+  after its real-time slot (first chunk's arrival + i x 20 ms); the maximum lateness is reported too;
+* turns and chunks played in the window, and event-loop lag (a 10 ms ticker's worst overshoot).
+
+``--shared-http`` runs the same load with ``llm.shared_connection: true`` (one pooled HTTP client per
+provider for the whole process instead of one per call; see docs/llm.md).
+
+Usage: ``python bench/bench_density.py [--calls 10,100,500,1000] [--window-s 20] [--shared-http both]
+[--write docs/benchmarks.md]``. ``--write`` replaces the ``## Density`` section of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HEADING = "## Density"
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the worker's log sink, open for the process's life
+CHUNK_MS = 20
+REPLY = "Ваш заказ принят. Доставка будет завтра с десяти до двух. Что-нибудь ещё?"
+TARGET_CALLS = 1000
+TARGET_P99_OVERHEAD_MS = 10.0
+TARGET_RSS_MB = 0.5
+
+
+# -- the worker (one process per N) ------------------------------------------------------------------
+
+
+@dataclass
+class CallStats:
+    ttfa_ms: list[float] = field(default_factory=list)
+    chunks: int = 0
+    late: int = 0
+    max_late_ms: float = 0.0
+    turns: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Schedule:
+    """When the measurement window opens and closes and when the calls stop (set once all are open)."""
+
+    start: float = math.inf
+    end: float = math.inf
+    stop: float = math.inf
+
+    def counts(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _call(
+    container: Any,
+    index: int,
+    stats: CallStats,
+    schedule: Schedule,
+    think_s: float,
+    ready: asyncio.Event,
+    opened: list[int],
+) -> None:
+    rng = random.Random(index)
+    call = await container.open_spoken_conversation(f"density-{index}")
+    opened[0] += 1
+    try:
+        await ready.wait()
+        await asyncio.sleep(rng.uniform(0, think_s))  # calls do not all speak at once
+        loop = asyncio.get_running_loop()
+        while loop.time() < schedule.stop:
+            started = loop.time()
+            counted = schedule.counts(started)
+            slot0: float | None = None
+            i = 0
+            try:
+                async with contextlib.aclosing(call.respond("Когда будет доставка моего заказа?")) as audio:
+                    async for _chunk in audio:
+                        now = loop.time()
+                        if slot0 is None:
+                            slot0 = now
+                        else:
+                            lateness = now - (slot0 + i * CHUNK_MS / 1000)
+                            if counted:
+                                stats.chunks += 1
+                                if lateness > CHUNK_MS / 1000:
+                                    stats.late += 1
+                                stats.max_late_ms = max(stats.max_late_ms, lateness * 1000)
+                        i += 1
+                        # real-time pace: the next chunk is wanted in its own 20 ms slot
+                        delay = slot0 + i * CHUNK_MS / 1000 - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+            except Exception:
+                stats.failed += 1
+            metrics = call.last_turn_metrics
+            if counted and metrics is not None and metrics.time_to_first_audio_ms is not None:
+                stats.ttfa_ms.append(metrics.time_to_first_audio_ms)
+                stats.turns += 1
+            await asyncio.sleep(rng.uniform(0.5 * think_s, 1.5 * think_s))
+    finally:
+        await call.shutdown()
+
+
+async def _lag_probe(schedule: Schedule, worst: list[float]) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() < schedule.stop:
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        if schedule.counts(before):
+            worst[0] = max(worst[0], (loop.time() - before - 0.01) * 1000)
+
+
+async def worker(args: argparse.Namespace) -> dict[str, Any]:
+    from voxcore.entrypoints.container import Container
+    from voxcore.entrypoints.logging import configure_logging
+    from voxcore.entrypoints.settings import load_settings
+
+    configure_logging("INFO", stream=_DEVNULL)  # production logging, written nowhere
+    env = {
+        "REDIS_URL": args.redis_url,
+        "OPENAI_BASE_URL": args.base_url,
+        "OPENAI_API_KEY": "sk-bench",
+        "VOXCORE_LOGGING__CONFIGURE": "false",
+        "VOXCORE_VOICE__DEFAULT_AGENT__ENGINE": "openai",
+        "VOXCORE_VOICE__DEFAULT_AGENT__VOICE": "alloy",
+        "VOXCORE_REDIS__MAX_CONNECTIONS": "64",
+    }
+    container = Container(settings=load_settings(env=env))
+    await container.init_resources()
+    n = args.child
+    stats = [CallStats() for _ in range(n)]
+    loop = asyncio.get_running_loop()
+    rss_before = _rss_mb()
+    ready = asyncio.Event()
+    opened = [0]
+    # the window opens once every call is open and has had time for its first turn (TTS cache filled)
+    schedule = Schedule()
+    tasks = []
+    try:
+        open_started = loop.time()
+        for i in range(n):
+            tasks.append(
+                asyncio.create_task(
+                    _call(container, i, stats[i], schedule, args.think_s, ready, opened),
+                    name=f"call-{i}",
+                )
+            )
+            if i % 50 == 49:
+                await asyncio.sleep(0)  # let handshakes progress while calls are created
+        while opened[0] < n:
+            if any(t.done() for t in tasks):
+                for t in tasks:
+                    if t.done() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+        open_s = loop.time() - open_started
+        warm = args.think_s * 1.5 + 6.0  # every call's first turn has ended by then
+        now = loop.time()
+        schedule.start, schedule.end = now + warm, now + warm + args.window_s
+        schedule.stop = schedule.end + 0.5
+        ready.set()
+        worst_lag = [0.0]
+        lag = asyncio.create_task(_lag_probe(schedule, worst_lag))
+        await asyncio.sleep(max(0.0, schedule.start - loop.time()))
+        cpu0, rss_loaded = _cpu_s(), _rss_mb()
+        await asyncio.sleep(max(0.0, schedule.end - loop.time()))
+        cpu1 = _cpu_s()
+        rss_loaded = max(rss_loaded, _rss_mb())
+        await lag
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        shutdown = container.shutdown_resources()
+        if shutdown is not None:
+            await shutdown
+    ttfa = [v for s in stats for v in s.ttfa_ms]
+    return {
+        "calls": n,
+        "shared": args.shared,
+        "open_s": round(open_s, 2),
+        "window_s": args.window_s,
+        "cpu_s": round(cpu1 - cpu0, 3),
+        "cpu_per_call_s": (cpu1 - cpu0) / (n * args.window_s),
+        "rss_before_mb": round(rss_before, 1),
+        "rss_loaded_mb": round(rss_loaded, 1),
+        "rss_per_call_mb": (rss_loaded - rss_before) / n,
+        "turns": sum(s.turns for s in stats),
+        "failed": sum(s.failed for s in stats),
+        "chunks": sum(s.chunks for s in stats),
+        "late": sum(s.late for s in stats),
+        "max_late_ms": round(max(s.max_late_ms for s in stats), 1),
+        "ttfa_p50": statistics.median(ttfa) if ttfa else math.nan,
+        "ttfa_p99": _pct(ttfa, 99),
+        "loop_lag_max_ms": round(worst_lag[0], 1),
+    }
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+# -- the orchestrator ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[str]:
+    """``python -m voxcore.simulator`` streaming ~50 tokens/s after ``first_token_ms``; yields its URL."""
+    command = [
+        sys.executable,
+        "-m",
+        "voxcore.simulator",
+        "--port",
+        "0",
+        "--no-auth",
+        "--first-token-ms",
+        str(first_token_ms),
+        "--inter-chunk-ms",
+        str(CHUNK_MS),
+        "--chars-per-chunk",
+        "4",
+        "--reply",
+        REPLY,
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        if cpus:
+            os.sched_setaffinity(proc.pid, cpus)
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        if started.get("event") != "simulator_started":
+            raise RuntimeError(f"simulator did not start: {started}")
+        yield str(started["base_url"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_child(
+    n: int, args: argparse.Namespace, redis_url: str, base_url: str, shared: bool, think_s: float
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(n),
+        "--redis-url",
+        redis_url,
+        "--base-url",
+        base_url,
+        "--window-s",
+        str(args.window_s),
+        "--think-s",
+        str(think_s),
+    ]
+    if shared:
+        command.append("--shared")
+    if args.worker_cpu is not None:
+        command += ["--pin", str(args.worker_cpu)]
+    budget = 120 + args.window_s + n * 0.1
+    out = subprocess.run(command, capture_output=True, text=True, timeout=budget)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker for N={n} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return f"{cpu}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at start"
+
+
+def render(
+    results: list[dict[str, Any]], unloaded: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> str:
+    lines = [
+        HEADING,
+        "",
+        *_context_lines(),
+        f"- host: {machine()}",
+        f"- load: each call turns every {args.think_s:g} s (0.5x..1.5x) after its reply; first token after "
+        f"{args.first_token_ms:g} ms, then 4 characters every 20 ms; a {len(REPLY)}-character reply "
+        "(3 sentences, "
+        "~4.4 s of speech) played from the tts:* cache at real-time pace",
+        f"- worker pinned to CPU {args.worker_cpu}; simulator and redis-server on the other CPUs; "
+        f"window {args.window_s:g} s per N after every call's first turn",
+        "- late: a chunk more than 20 ms after its real-time slot; first-audio overhead: p50/p99 of the "
+        "loaded "
+        "run minus the unloaded p50 (N = 1) of the same mode",
+        "",
+        "| mode | N | CPU per call-second | RSS per call | TTFA p50 / p99 | overhead p50 / p99 | "
+        "late chunks / played | max late | loop lag max | turns (failed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mode = "shared HTTP" if r["shared"] else "per-call HTTP"
+        base = unloaded[mode]["ttfa_p50"]
+        lines.append(
+            f"| {mode} | {r['calls']} | {r['cpu_per_call_s'] * 1000:.2f} ms "
+            f"| {r['rss_per_call_mb'] * 1000:.0f} KB "
+            f"| {r['ttfa_p50']:.1f} / {r['ttfa_p99']:.1f} ms "
+            f"| {r['ttfa_p50'] - base:+.1f} / {r['ttfa_p99'] - base:+.1f} ms | "
+            f"{r['late']} / {r['chunks']} | {r['max_late_ms']:.1f} ms | {r['loop_lag_max_ms']:.1f} ms | "
+            f"{r['turns']} ({r['failed']}) |"
+        )
+    for mode, u in unloaded.items():
+        lines.append("")
+        lines.append(f"Unloaded ({mode}, N = 1): TTFA p50 {u['ttfa_p50']:.1f} ms over {u['turns']} turns.")
+    lines.append("")
+    lines.append(
+        f"Targets: {TARGET_CALLS} calls in one worker on one core with 0 late chunks, p99 first-audio "
+        "overhead "
+        f"<= {TARGET_P99_OVERHEAD_MS:g} ms, <= {TARGET_RSS_MB:g} MB RSS per call."
+    )
+    for r in results:
+        if r["calls"] == TARGET_CALLS:
+            mode = "shared HTTP" if r["shared"] else "per-call HTTP"
+            over = r["ttfa_p99"] - unloaded[mode]["ttfa_p50"]
+            verdict = [
+                f"late chunks {r['late']} ({'OK' if r['late'] == 0 else 'FAIL'})",
+                f"p99 overhead {over:.1f} ms ({'OK' if over <= TARGET_P99_OVERHEAD_MS else 'FAIL'})",
+                f"RSS {r['rss_per_call_mb'] * 1000:.0f} KB per call "
+                f"({'OK' if r['rss_per_call_mb'] <= TARGET_RSS_MB else 'FAIL'})",
+                f"CPU {r['cpu_per_call_s'] * TARGET_CALLS * 100:.0f}% of one core",
+            ]
+            lines.append(f"- {mode}, N = {TARGET_CALLS}: " + "; ".join(verdict) + ".")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _context_lines() -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchdoc import run_context
+
+    return run_context()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--calls", default="10,100,500,1000", help="comma-separated N values")
+    parser.add_argument("--window-s", type=float, default=20.0, help="measurement window per N")
+    parser.add_argument(
+        "--think-s", type=float, default=3.0, help="mean pause between a reply and the next turn"
+    )
+    parser.add_argument(
+        "--first-token-ms", type=float, default=200.0, help="simulated LLM time to first token"
+    )
+    parser.add_argument("--shared-http", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--worker-cpu", type=int, default=0, help="CPU the worker is pinned to (-1: none)")
+    parser.add_argument("--write", type=Path, default=None, help="update docs/benchmarks.md")
+    # internal: one worker process
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pin", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        if args.pin is not None and args.pin >= 0:
+            os.sched_setaffinity(0, {args.pin})
+        print(json.dumps(asyncio.run(worker(args))), flush=True)
+        return 0
+
+    from voxcore.entrypoints.embedded_redis import EmbeddedRedis
+
+    if args.worker_cpu is not None and args.worker_cpu < 0:
+        args.worker_cpu = None
+    cpus = os.sched_getaffinity(0)
+    others = (cpus - {args.worker_cpu}) or None if args.worker_cpu is not None else None
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.shared_http]
+    results: list[dict[str, Any]] = []
+    unloaded: dict[str, dict[str, Any]] = {}
+    with EmbeddedRedis() as redis_server, simulator_process(args.first_token_ms, others) as base_url:
+        if others:
+            import redis as redis_sync
+
+            with redis_sync.Redis.from_url(redis_server.url) as client:
+                os.sched_setaffinity(int(client.info("server")["process_id"]), others)
+        for shared in modes:
+            mode = "shared HTTP" if shared else "per-call HTTP"
+            u = run_child(1, args, redis_server.url, base_url, shared, think_s=0.5)
+            unloaded[mode] = u
+            print(json.dumps({"unloaded": mode, **u}), flush=True)
+            for n in [int(v) for v in args.calls.split(",") if v.strip()]:
+                r = run_child(n, args, redis_server.url, base_url, shared, think_s=args.think_s)
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    section = render(results, unloaded, args)
+    print(section)
+    if args.write is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchdoc import merge_section
+
+        existing = args.write.read_text(encoding="utf-8") if args.write.exists() else ""
+        args.write.write_text(merge_section(existing, section, HEADING), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
