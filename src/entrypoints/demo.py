@@ -86,6 +86,20 @@ async def resolved(value: T | Awaitable[T]) -> T:
     return value
 
 
+def check_voice(runtime: Runtime) -> None:
+    """Fail before the demo starts when it would have no real voice (see :func:`choose_engine`).
+
+    Raises:
+        ConfigurationError: neither espeak-ng nor a configured provider.
+    """
+    if shutil.which(runtime.settings.voice.espeak.binary) is None and runtime.on_simulator:
+        raise ConfigurationError(
+            f"the demo speaks with espeak-ng, which is not installed "
+            f"({runtime.settings.voice.espeak.binary!r} not on PATH): run `make demo` (it installs it) "
+            "or `apt-get install espeak-ng`"
+        )
+
+
 def choose_engine(runtime: Runtime, engines: dict[str, TTSEngine]) -> tuple[str, TTSEngine, str]:
     """espeak-ng when its binary is installed (real Russian speech), else a configured provider's TTS.
 
