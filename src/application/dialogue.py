@@ -242,7 +242,7 @@ class DialogueRecorder:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if not drained and self._dirty:
+        if not drained and (self._pending or self._dirty):
             emit(
                 logger,
                 "dialogue_write_lost",
