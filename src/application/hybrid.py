@@ -280,7 +280,7 @@ class HybridResponder:
     # -- replies ---------------------------------------------------------------------------------------
 
     def play(
-        self, playlist: Playlist, *, turn_started_at: float | None = None
+        self, playlist: Playlist, *, turn_started_at: float | None = None, parent: trace.Span | None = None
     ) -> AsyncGenerator[bytes, None]:
         """Play ``playlist``: chunks of ``target_format`` in playlist order.
 
@@ -291,6 +291,7 @@ class HybridResponder:
 
         Close the generator (``aclose``, or ``contextlib.aclosing``) to stop early (barge-in): the
         lookups still in flight are cancelled and syntheses nobody else listens to are abandoned.
+        ``parent`` (e.g. ``manager.call_span``) puts the reply's span in that call's trace.
 
         Yields:
             ``chunk_ms`` chunks (the last one of the reply may be shorter).
@@ -301,12 +302,16 @@ class HybridResponder:
         """
         if not isinstance(playlist, Playlist):
             raise TypeError(f"play needs a Playlist, got {type(playlist).__name__}")
-        return self._run(list(playlist.items), None, turn_started_at)
+        return self._run(list(playlist.items), None, turn_started_at, parent)
 
     def speak_text_stream(
-        self, deltas: AsyncIterable[str], *, turn_started_at: float | None = None
+        self,
+        deltas: AsyncIterable[str],
+        *,
+        turn_started_at: float | None = None,
+        parent: trace.Span | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Speak free answer text while it is still streaming in.
+        """Speak free answer text while it is still streaming in (``parent`` as in :meth:`play`).
 
         The text is cut into sentences as it arrives (:class:`SentenceSplitter`); each sentence is
         a TTS item (cache first, synthesized on a miss, cached afterwards), so the first sentence is
@@ -318,14 +323,19 @@ class HybridResponder:
         Yields:
             ``chunk_ms`` chunks of ``target_format``.
         """
-        return self._run([], deltas, turn_started_at)
+        return self._run([], deltas, turn_started_at, parent)
 
     async def _run(
-        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None, turn_started_at: float | None
+        self,
+        items: list[PlaylistItem],
+        deltas: AsyncIterable[str] | None,
+        turn_started_at: float | None,
+        parent: trace.Span | None = None,
     ) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise RuntimeError("the hybrid responder is shut down")
-        span = self._tracer.start_span("voxcore.hybrid.playlist")
+        in_call = trace.set_span_in_context(parent) if parent is not None else None
+        span = self._tracer.start_span("voxcore.hybrid.playlist", context=in_call)
         started = self._clock()
         turn = Turn(
             started=started,

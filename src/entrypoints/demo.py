@@ -67,6 +67,7 @@ class StepRecord:
     reply_text: str
     kind: str
     time_to_first_token_ms: float | None
+    time_to_first_text_ms: float | None  # the user's turn start -> first speakable answer character
     time_to_first_audio_ms: float | None  # the user's turn start -> first audio chunk (LLM included)
     playlist_first_audio_ms: float | None  # the reply's own start -> first audio chunk
     audio_ms: float
@@ -225,6 +226,7 @@ async def _play_step(
         reply_text=reply if step.amount is None else f"{hybrid_text(step.amount)}",
         kind=kind,
         time_to_first_token_ms=llm.time_to_first_token_ms if llm else None,
+        time_to_first_text_ms=llm.time_to_first_text_ms if llm else None,
         time_to_first_audio_ms=metrics.time_to_first_audio_ms if metrics else None,
         playlist_first_audio_ms=metrics.playlist_first_audio_ms if metrics else None,
         audio_ms=round(CALL_FORMAT.duration_ms(len(audio) - before), 1),
@@ -260,18 +262,21 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "`time_to_first_audio_ms`: the user's turn start -> first audio chunk of the reply (the LLM "
         "included); `playlist_first_audio_ms`: the reply's own start -> first chunk; "
-        "`time_to_first_token_ms`: the LLM request -> first streamed token.",
+        "`time_to_first_token_ms`: the LLM request -> first streamed token; `time_to_first_text_ms`: the "
+        "turn start -> first speakable answer character.",
         "",
         "| pass | step | caller | reply | kind | spoken by | outcome | time_to_first_token_ms "
-        "| time_to_first_audio_ms | playlist_first_audio_ms | TTS TTFB ms | cache hits | TTS misses |",
-        "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| time_to_first_text_ms | time_to_first_audio_ms | playlist_first_audio_ms | TTS TTFB ms "
+        "| cache hits | TTS misses |",
+        "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["steps"]:
         outcome = s["outcome"] + (f" ({'; '.join(s['degraded_items'])})" if s["degraded_items"] else "")
         lines.append(
             f"| {s['pass_no']} | {s['step']} | {s['caller']} | {s['reply_text']} | {s['kind']} | "
             f"{', '.join(f'`{v}`' for v in s['voices']) or '-'} | {outcome} | "
-            f"{_num(s['time_to_first_token_ms'])} | {_num(s['time_to_first_audio_ms'])} | "
+            f"{_num(s['time_to_first_token_ms'])} | {_num(s['time_to_first_text_ms'])} | "
+            f"{_num(s['time_to_first_audio_ms'])} | "
             f"{_num(s['playlist_first_audio_ms'])} | {_num(s['tts_ttfb_ms'])} | {s['hits']} | {s['misses']} |"
         )
     second = [s for s in report["steps"] if s["pass_no"] == 2]
