@@ -463,6 +463,7 @@ async def voice_service(
         default_agent=agent_voice(v.default_agent) if v.default_agent else None,
         rate_limiter=limiter,
         cache=cache,
+        shared_synthesis=shared_synthesis(settings, cache, client),
     )
     await service.start()
     try:
@@ -473,8 +474,8 @@ async def voice_service(
 
 
 def shared_synthesis(settings: Settings, cache: RedisCacheManager, client: Any) -> SharedSynthesis | None:
-    """Cross-worker single flight of TTS misses (``voice.hybrid.synthesis_lease``), or ``None``."""
-    lease = settings.voice.hybrid.synthesis_lease
+    """Cross-worker single flight of TTS misses (``voice.synthesis_lease``), or ``None``."""
+    lease = settings.voice.synthesis_lease
     if not lease.enabled:
         return None
     return SharedSynthesis(
