@@ -77,6 +77,7 @@ bench: install
 	$(BIN)/python bench/bench_cache.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_rate_limit.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -163,6 +163,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "VOXCORE_VOICE__DEFAULT_AGENT__ENGINE": "openai",
         "VOXCORE_VOICE__DEFAULT_AGENT__VOICE": "alloy",
         "VOXCORE_REDIS__MAX_CONNECTIONS": "64",
+        "VOXCORE_LLM__SHARED_CONNECTION": "true" if args.shared else "false",
     }
     container = Container(settings=load_settings(env=env))
     await container.init_resources()

@@ -51,7 +51,6 @@ from voxcore.adapters.redis.config import RedisConfig
 from voxcore.application.hybrid import HybridResponder
 from voxcore.core.domain.audio import AudioFormat, plan_chunks, split_pcm
 from voxcore.core.domain.playlist import Playlist, StaticItem, TTSItem
-from voxcore.core.domain.tts_text import tts_cache_key
 from voxcore.core.ports.tts import SpeechRequest
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.logging import configure_logging
@@ -153,7 +152,7 @@ async def run(url: str, base_url: str, rounds: int, iterations: int) -> tuple[li
         step = plan_chunks(PCM24, 20)
         await cache.set_audio_fragment("static:intro", split_pcm(tone(1500, 440), step), PCM24)
         await cache.set_audio_fragment("static:currency_rub_many", split_pcm(tone(400, 660), step), PCM24)
-        amount_key = tts_cache_key("12 500", voice=VOICE, model="", engine=engine.name, audio_format=PCM24)
+        amount_key = responder.tts_cache_key("12 500")
         await cache.set_audio_fragment(amount_key, split_pcm(tone(800, 550), step), PCM24)
         cached = Playlist.of(
             StaticItem("static:intro"), TTSItem("12 500"), StaticItem("static:currency_rub_many")

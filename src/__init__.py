@@ -26,9 +26,13 @@ soxr) is imported only when a voice feature is used.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# A library never decides where its records go: the host's handlers (root logger) get them.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _EXPORTS: dict[str, str] = {
     "Container": "voxcore.entrypoints.container",

@@ -11,8 +11,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Link, Status, StatusCode
 from pydantic import BaseModel
 
 from voxcore.application.context import LLMContext
@@ -49,6 +50,26 @@ _tracer = trace.get_tracer("voxcore.conversation")
 _meter = metrics.get_meter("voxcore.conversation")
 
 TurnOutcome = Literal["ok", "failed", "closed"]
+
+#: Span attributes that carry user or model text (recorded only with ``record_text``). Each span
+#: that has them lists them in :data:`REDACTABLE_ATTRIBUTE`, so a collector can drop them by name.
+TEXT_ATTRIBUTES = ("gen_ai.input.messages", "gen_ai.output.messages")
+REDACTABLE_ATTRIBUTE = "voxcore.redactable_attributes"
+
+
+def start_call_span(
+    tracer: trace.Tracer, session_hash_: str, attributes: dict[str, Any] | None = None
+) -> trace.Span:
+    """The ``voxcore.call`` span of one call: a child of the span current now (a host's), if any."""
+    return tracer.start_span(
+        "voxcore.call",
+        kind=trace.SpanKind.INTERNAL,
+        attributes={
+            "gen_ai.conversation.id": session_hash_,
+            "voxcore.session.hash": session_hash_,
+            **(attributes or {}),
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +181,11 @@ class ConversationManager(AbstractConversationManager):
         clock: Monotonic seconds, for the durations in events.
         tracer: OpenTelemetry tracer (default: the ``voxcore.conversation`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.conversation`` one).
+        call_span: The call's ``voxcore.call`` span (the container starts it before the
+            handshake); by default the manager starts one, a child of the span current now.
+            Every turn and summary of the call is in its trace; :meth:`shutdown` ends it.
+        record_text: Put the user's and the model's text on turn spans (attributes listed in
+            :data:`TEXT_ATTRIBUTES`, marked droppable); off by default.
 
     Raises:
         ValueError: an empty model name or unsafe reply, or a non-positive TTL or token budget.
@@ -183,6 +209,8 @@ class ConversationManager(AbstractConversationManager):
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
+        call_span: trace.Span | None = None,
+        record_text: bool = False,
     ) -> None:
         for name, value in (("main_model", main_model), ("summary_model", summary_model)):
             if not value:
@@ -210,6 +238,11 @@ class ConversationManager(AbstractConversationManager):
         self._open_turn_index: int | None = None  # the turn whose generator is still open
         self._closed = False
         self._last_metrics: TurnMetrics | None = None
+        self._record_text = record_text
+        self._call_span = (
+            call_span if call_span is not None else start_call_span(self._tracer, self._session_hash)
+        )
+        self._call_context = trace.set_span_in_context(self._call_span)
         if dual_context.summarizer is None:
             dual_context.bind_summarizer(self.summarize)
 
@@ -245,6 +278,18 @@ class ConversationManager(AbstractConversationManager):
         """The 16-hex hash of the session id (what logs and spans show)."""
         return self._session_hash
 
+    @property
+    def call_span(self) -> trace.Span:
+        """The call's ``voxcore.call`` span: pass it as the parent of work done for this call
+        (e.g. ``responder.play(playlist, parent=manager.call_span)``)."""
+        return self._call_span
+
+    @property
+    def trace_id(self) -> str | None:
+        """The call's trace id (32 hex), or ``None`` when no tracing SDK is installed."""
+        context = self._call_span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
     # -- turns -----------------------------------------------------------------------------------------
 
     async def process_user_turn(self, final_user_text: str) -> AsyncGenerator[LLMStreamChunk, None]:
@@ -273,10 +318,21 @@ class ConversationManager(AbstractConversationManager):
         self._turns += 1
         self._open_turn_index = self._turns
         turn = _Turn(index=self._turns, started=self._clock())
+        # The turn belongs to the call's trace; a host span current now (an HTTP request's) is linked.
+        links = self._links_to_current()
         span = self._tracer.start_span(
             "voxcore.turn",
-            attributes={"voxcore.session.hash": self._session_hash, "voxcore.turn.index": turn.index},
+            context=self._call_context,
+            links=links,
+            attributes={
+                "gen_ai.conversation.id": self._session_hash,
+                "voxcore.session.hash": self._session_hash,
+                "voxcore.turn.index": turn.index,
+            },
         )
+        if self._record_text and span.is_recording():
+            span.set_attribute("gen_ai.input.messages", final_user_text)
+            span.set_attribute(REDACTABLE_ATTRIBUTE, list(TEXT_ATTRIBUTES))
         stream: AsyncIterator[LLMStreamChunk] | None = None
         committed = False
         try:
@@ -329,15 +385,16 @@ class ConversationManager(AbstractConversationManager):
             turn.total_ms = self._ms_since(turn.started)
             with self._current(span):
                 self._commit(turn)
-            committed = True
-            self._last_metrics = self._finish(turn, span)
+                committed = True
+                self._last_metrics = self._finish(turn, span)
             # The turn is over before its final chunk goes out: a consumer that stops at that chunk
             # without closing the generator neither holds the span open nor blocks the next turn.
             self._release(turn, span)
             yield LLMStreamChunk(text_chunk="", is_final_chunk=True)
         except BaseException as exc:
             if not committed:
-                self._abandon(turn, span, exc)
+                with self._current(span):
+                    self._abandon(turn, span, exc)
             raise
         finally:
             if stream is not None:
@@ -347,7 +404,8 @@ class ConversationManager(AbstractConversationManager):
     def _first_text(self, turn: _Turn, span: trace.Span) -> None:
         turn.first_text_ms = self._ms_since(turn.started)
         span.set_attribute("voxcore.turn.time_to_first_text_ms", turn.first_text_ms)
-        emit(logger, "time_to_first_text_ms", turn=turn.index, ms=turn.first_text_ms)
+        with self._current(span):
+            emit(logger, "time_to_first_text_ms", logging.DEBUG, turn=turn.index, ms=turn.first_text_ms)
 
     def record_answered_turn(self, final_user_text: str, answer_text: str, *, source: str) -> None:
         """Add a turn answered without the LLM (e.g. a FAQ recording) to the history.
@@ -391,7 +449,7 @@ class ConversationManager(AbstractConversationManager):
         dual = self._dual
         turn.ratio_before = dual.active_context.estimate_usage_ratio()
         turn.handovers_before = dual.handovers
-        emit(logger, "user_turn_start", turn=turn.index, ratio=turn.ratio_before)
+        emit(logger, "user_turn_start", logging.DEBUG, turn=turn.index, ratio=turn.ratio_before)
         dual.begin_turn()
         turn.user_message = dual.active_context.append(user_message)
         dual.after_message()  # may start a warm-up task; never awaited here
@@ -425,30 +483,44 @@ class ConversationManager(AbstractConversationManager):
         handover_ms = self._handover_ms(turn)
         total_ms = turn.total_ms if turn.total_ms is not None else self._ms_since(turn.started)
         turn.chunks += 1  # the final chunk, yielded right after this
-        emit(logger, "response_total_ms", turn=turn.index, ms=total_ms)
-        emit(logger, "context_usage", turn=turn.index, before=turn.ratio_before, after=ratio_after)
+        emit(logger, "response_total_ms", logging.DEBUG, turn=turn.index, ms=total_ms)
+        emit(
+            logger,
+            "context_usage",
+            logging.DEBUG,
+            turn=turn.index,
+            before=turn.ratio_before,
+            after=ratio_after,
+        )
+        # The turn's one INFO line: every figure of the turn (the per-step events above are DEBUG).
         emit(
             logger,
             "user_turn_finish",
             turn=turn.index,
+            outcome="ok",
+            session_hash=self._session_hash,
             time_to_first_token_ms=turn.ttft_ms,
             time_to_first_text_ms=turn.first_text_ms,
             client_ttft_ms=turn.ttft_ms,
             response_total_ms=total_ms,
             context_ratio_before=turn.ratio_before,
             context_ratio_after=ratio_after,
+            prompt_ratio=turn.prompt_ratio,
             handover_ms_if_any=handover_ms,
             chunks=turn.chunks,
+            answer_chars=sum(len(part) for part in turn.parts),
             connection_reused=turn.connection_reused,
             unsafe=turn.unsafe,
         )
+        if self._record_text and span.is_recording():
+            span.set_attribute("gen_ai.output.messages", "".join(turn.parts))
         span.set_attribute("voxcore.context.ratio_before", turn.ratio_before)
         span.set_attribute("voxcore.context.ratio_after", ratio_after)
         span.set_attribute("voxcore.turn.handover", handover_ms is not None)
         span.set_attribute("voxcore.turn.unsafe", turn.unsafe)
         if turn.ttft_ms is not None:
             span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
-            emit(logger, "time_to_first_token_ms", turn=turn.index, ms=turn.ttft_ms)
+            emit(logger, "time_to_first_token_ms", logging.DEBUG, turn=turn.index, ms=turn.ttft_ms)
         return self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
 
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
@@ -545,7 +617,11 @@ class ConversationManager(AbstractConversationManager):
             LLMError: the summary model failed or returned no text.
         """
         snapshot: ConversationHistory = list(history)
-        with self._tracer.start_as_current_span("voxcore.summary") as span:
+        # A background summary belongs to the call's trace, linked to the turn that set it off.
+        links = self._links_to_current()
+        with self._tracer.start_as_current_span(
+            "voxcore.summary", context=self._call_context, links=links
+        ) as span:
             request = self._dual.active_context.build_summary_prompt(snapshot)
             digest = history_digest(request)
             span.set_attribute("voxcore.summary.messages", len(snapshot))
@@ -591,6 +667,7 @@ class ConversationManager(AbstractConversationManager):
             emit(
                 logger,
                 "summary_cache_check",
+                logging.DEBUG,
                 key=self._summary_key,
                 hit=cached is not None,
                 latency_ms=self._ms_since(start),
@@ -610,6 +687,7 @@ class ConversationManager(AbstractConversationManager):
             emit(
                 logger,
                 "summary_cache_save",
+                logging.DEBUG,
                 key=self._summary_key,
                 bytes=size,
                 latency_ms=self._ms_since(start),
@@ -623,13 +701,26 @@ class ConversationManager(AbstractConversationManager):
         if self._closed:
             return
         self._closed = True
+        token = otel_context.attach(self._call_context)
         try:
             await self._dual.shutdown()
         finally:
-            await self._connection_manager.shutdown()
-            emit(logger, "manager_shutdown", turns=self._turns)
+            try:
+                await self._connection_manager.shutdown()
+                emit(logger, "manager_shutdown", turns=self._turns)
+            finally:
+                otel_context.detach(token)
+                self._call_span.set_attribute("voxcore.call.turns", self._turns)
+                self._call_span.end()
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _links_to_current(self) -> list[Link] | None:
+        """A link to the span current now, unless it is the call's own (or there is none)."""
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and current != self._call_span.get_span_context():
+            return [Link(current)]
+        return None
 
     def _current(self, span: trace.Span) -> AbstractContextManager[trace.Span]:
         # Errors are recorded by _abandon, once, with the turn's own status message.

@@ -275,6 +275,7 @@ async def _demo(args: argparse.Namespace) -> int:
         # synthesized parts from the TTS cache the first run filled.
         embedded_data_dir=args.report_dir / ".demo-redis",
     ) as runtime:
+        demo.check_voice(runtime)  # no espeak-ng and no provider: one clear line, before any work
         loaded = await _load_fragments(
             runtime.container, fragments, args.chunk_ms, str(args.fragments or "shipped")
         )

@@ -3,7 +3,7 @@
 Usage (see the README)::
 
     container = Container(config_path="/srv/app/voxcore.yml")
-    await container.init_resources()      # configures JSON logging, connects the cache
+    await container.init_resources()      # connects the cache (logging stays the host's)
     cache = container.cache()             # one RedisCacheManager per container (process)
     manager = await container.open_conversation("call-42")  # one per phone call, connection warm
     async for chunk in manager.process_user_turn("Здравствуйте!"):
@@ -14,14 +14,17 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from dependency_injector import containers, providers
+from opentelemetry import trace
 
 from voxcore.adapters.audio.convert import SoxrAudioConverter
 from voxcore.adapters.espeak.tts import EspeakTTSEngine
@@ -29,6 +32,7 @@ from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
 from voxcore.adapters.openai.connection import OpenAIConnectionManager
 from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
+from voxcore.adapters.openai.shared import SharedConnections
 from voxcore.adapters.openai.tokenizer import make_tokenizer
 from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
@@ -41,22 +45,26 @@ from voxcore.application.dual_context import DualContextController
 from voxcore.application.embedding_cache import EmbeddingCache
 from voxcore.application.faq import FaqMatcher
 from voxcore.application.hybrid import HybridResponder
-from voxcore.application.manager import ConversationManager
+from voxcore.application.manager import ConversationManager, start_call_span
 from voxcore.application.spoken import SpokenConversation
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.dual_context import DualContextPolicy
+from voxcore.core.domain.keys import session_hash
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
+from voxcore.core.ports.llm import LLMConnectionManager
 from voxcore.core.ports.tokenizer import Tokenizer
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.entrypoints.faq import read_faq_manifest
-from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.logging import configure_logging, remove_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+
+_tracer = trace.get_tracer("voxcore.conversation")
 
 
 def redis_config_from(settings: Settings) -> RedisConfig:
@@ -133,22 +141,52 @@ def dual_policy_from(settings: Settings) -> DualContextPolicy:
     )
 
 
+def connection_manager_for(
+    config: OpenAIConfig, shared: Callable[[], SharedConnections], use_shared: bool
+) -> LLMConnectionManager[Any]:
+    """One call's connection: its own manager, or a handle on the shared client (llm.shared_connection)."""
+    if use_shared:
+        return shared().handle(config)
+    return OpenAIConnectionManager(config)
+
+
+@asynccontextmanager
+async def closing_shared_connections(shared: SharedConnections) -> AsyncIterator[SharedConnections]:
+    """Close the shared LLM clients (if any were made) at ``shutdown_resources()``."""
+    try:
+        yield shared
+    finally:
+        await shared.aclose()
+
+
 async def open_conversation(
     session_id: str,
     *,
-    connection_factory: Callable[[], OpenAIConnectionManager],
+    connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
 ) -> ConversationManager:
     """Build one call's conversation with its connection already open and warm.
 
     The handshake happens here, before the first turn, so the first turn is as fast as the rest.
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
+
+    The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
+    and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
-    connection = connection_factory()
-    await connection.start()
+    call_span = start_call_span(_tracer, session_hash(session_id))
     try:
-        return manager_factory(session_id=session_id, connection_manager=connection)
+        with trace.use_span(call_span, end_on_exit=False):  # the warm-up task inherits this context
+            connection = connection_factory()
+            await connection.start()
+    except BaseException as exc:
+        call_span.record_exception(exc)
+        call_span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        call_span.end()
+        raise
+    try:
+        return manager_factory(session_id=session_id, connection_manager=connection, call_span=call_span)
     except BaseException:
+        call_span.end()
         await connection.shutdown()
         raise
 
@@ -232,6 +270,29 @@ async def voice_service(
         await limiter.aclose()
 
 
+def manifest_transcripts(path: Path) -> Mapping[str, str]:
+    """``static:*`` key -> transcript of a fragment manifest, parsed once per file version.
+
+    A responder is opened per call: parsing the YAML each time (~0.2 s for the number pack) would
+    cost more CPU than the call's audio.
+
+    Raises:
+        ConfigurationError: the manifest cannot be read or is invalid.
+    """
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read manifest {path}: {exc}") from exc
+    return _parsed_transcripts(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed_transcripts(path: str, _mtime_ns: int, _size: int) -> Mapping[str, str]:
+    return MappingProxyType(
+        {spec.key: spec.transcript for spec in read_manifest(Path(path)) if spec.transcript}
+    )
+
+
 async def open_hybrid_responder(
     *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
 ) -> HybridResponder:
@@ -252,14 +313,12 @@ async def open_hybrid_responder(
     tts = (await engines if inspect.isawaitable(engines) else engines)[agent.engine]
     # The number pack's transcripts always: say_money() & co. name its fragments, and a fragment
     # missing from the cache is then spoken from its word instead of skipped.
-    transcripts: dict[str, str] = {
-        spec.key: spec.transcript for spec in read_manifest(numbers_manifest_path()) if spec.transcript
-    }
+    transcripts = dict(manifest_transcripts(numbers_manifest_path()))
     if v.hybrid.manifest_path:
         path = Path(v.hybrid.manifest_path)
         if not path.is_absolute() and settings.base_dir:
             path = Path(settings.base_dir) / path
-        transcripts.update({spec.key: spec.transcript for spec in read_manifest(path) if spec.transcript})
+        transcripts.update(manifest_transcripts(path))
     voice = agent_voice(agent)
     return HybridResponder(
         cache=cache,
@@ -343,7 +402,7 @@ async def faq_matcher(settings: Settings, embeddings: Any) -> AsyncIterator[FaqM
 async def open_spoken_conversation(
     session_id: str,
     *,
-    connection_factory: Callable[[], OpenAIConnectionManager],
+    connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
     settings: Settings,
     cache: RedisCacheManager,
@@ -387,7 +446,15 @@ async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]
     if not t.enabled:
         yield None
         return
-    telemetry = setup_telemetry(t.service_name, t.otlp_endpoint)
+    telemetry = setup_telemetry(
+        t.service_name,
+        t.otlp_endpoint,
+        export_interval_ms=t.metric_export_interval_ms,
+        protocol=t.protocol,
+        traces_exporter=t.traces_exporter,
+        metrics_exporter=t.metrics_exporter,
+        shutdown_timeout_s=t.shutdown_timeout_s,
+    )
     try:
         yield telemetry
     finally:
@@ -406,7 +473,10 @@ async def connected_cache(cache: RedisCacheManager) -> AsyncIterator[RedisCacheM
 
 @asynccontextmanager
 async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | None]:
-    """Install voxcore's JSON log handler unless ``logging.configure`` is false; remove it at shutdown."""
+    """Install voxcore's JSON log handler when ``logging.configure`` is true; undo it at shutdown.
+
+    By default (``false``) the host's logging set-up gets the records, untouched.
+    """
     if not settings.logging.configure:
         yield None
         return
@@ -414,7 +484,7 @@ async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | No
     try:
         yield handler
     finally:
-        logging.getLogger("voxcore").removeHandler(handler)
+        remove_logging(handler)
 
 
 @asynccontextmanager
@@ -479,7 +549,14 @@ class Container(containers.DeclarativeContainer):
     llm_preload = providers.Resource(preload_llm, settings, prompts.provider, tokenizer.provider)
 
     # LLM: one call's objects
-    connection_manager = providers.Factory(OpenAIConnectionManager, openai_config)
+    shared_connections = providers.Singleton(SharedConnections)
+    shared_connections_lifetime = providers.Resource(closing_shared_connections, shared_connections)
+    connection_manager = providers.Factory(
+        connection_manager_for,
+        openai_config,
+        shared_connections.provider,
+        settings.provided.llm.shared_connection,
+    )
     llm_client = providers.Factory(OpenAILLMClient, openai_config)
     llm_context = providers.Factory(
         LLMContext,
@@ -504,6 +581,7 @@ class Container(containers.DeclarativeContainer):
         summary_ttl_seconds=settings.provided.summary.ttl_seconds,
         summary_max_tokens=settings.provided.summary.max_output_tokens,
         unsafe_reply=settings.provided.llm.unsafe_reply,
+        record_text=settings.provided.telemetry.record_text,
     )
     open_conversation = providers.Coroutine(
         open_conversation,

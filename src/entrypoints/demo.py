@@ -71,6 +71,7 @@ class StepRecord:
     reply_text: str
     kind: str
     time_to_first_token_ms: float | None
+    time_to_first_text_ms: float | None  # the user's turn start -> first speakable answer character
     time_to_first_audio_ms: float | None  # the user's turn start -> first audio chunk (LLM included)
     playlist_first_audio_ms: float | None  # the reply's own start -> first audio chunk
     audio_ms: float
@@ -106,6 +107,20 @@ async def speech_check(engine: TTSEngine, voice: str, model: str) -> str | None:
     except (TTSError, ConfigurationError, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None
+
+
+def check_voice(runtime: Runtime) -> None:
+    """Fail before the demo starts when it would have no real voice (see :func:`choose_engine`).
+
+    Raises:
+        ConfigurationError: neither espeak-ng nor a configured provider.
+    """
+    if shutil.which(runtime.settings.voice.espeak.binary) is None and runtime.on_simulator:
+        raise ConfigurationError(
+            f"the demo speaks with espeak-ng, which is not installed "
+            f"({runtime.settings.voice.espeak.binary!r} not on PATH): run `make demo` (it installs it) "
+            "or `apt-get install espeak-ng`"
+        )
 
 
 async def choose_engine(runtime: Runtime, engines: dict[str, TTSEngine]) -> tuple[str, TTSEngine, str]:
@@ -260,6 +275,7 @@ async def _play_step(
         reply_text=reply if step.amount is None else f"{hybrid_text(step.amount)}",
         kind=kind,
         time_to_first_token_ms=llm.time_to_first_token_ms if llm else None,
+        time_to_first_text_ms=llm.time_to_first_text_ms if llm else None,
         time_to_first_audio_ms=metrics.time_to_first_audio_ms if metrics else None,
         playlist_first_audio_ms=metrics.playlist_first_audio_ms if metrics else None,
         audio_ms=round(CALL_FORMAT.duration_ms(len(audio) - before), 1),
@@ -295,18 +311,21 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "`time_to_first_audio_ms`: the user's turn start -> first audio chunk of the reply (the LLM "
         "included); `playlist_first_audio_ms`: the reply's own start -> first chunk; "
-        "`time_to_first_token_ms`: the LLM request -> first streamed token.",
+        "`time_to_first_token_ms`: the LLM request -> first streamed token; `time_to_first_text_ms`: the "
+        "turn start -> first speakable answer character.",
         "",
         "| pass | step | caller | reply | kind | spoken by | outcome | time_to_first_token_ms "
-        "| time_to_first_audio_ms | playlist_first_audio_ms | TTS TTFB ms | cache hits | TTS misses |",
-        "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| time_to_first_text_ms | time_to_first_audio_ms | playlist_first_audio_ms | TTS TTFB ms "
+        "| cache hits | TTS misses |",
+        "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["steps"]:
         outcome = s["outcome"] + (f" ({'; '.join(s['degraded_items'])})" if s["degraded_items"] else "")
         lines.append(
             f"| {s['pass_no']} | {s['step']} | {s['caller']} | {s['reply_text']} | {s['kind']} | "
             f"{', '.join(f'`{v}`' for v in s['voices']) or '-'} | {outcome} | "
-            f"{_num(s['time_to_first_token_ms'])} | {_num(s['time_to_first_audio_ms'])} | "
+            f"{_num(s['time_to_first_token_ms'])} | {_num(s['time_to_first_text_ms'])} | "
+            f"{_num(s['time_to_first_audio_ms'])} | "
             f"{_num(s['playlist_first_audio_ms'])} | {_num(s['tts_ttfb_ms'])} | {s['hits']} | {s['misses']} |"
         )
     second = [s for s in report["steps"] if s["pass_no"] == 2]

@@ -132,6 +132,7 @@ class LLMSettings(BaseModel):
     unsafe_reply: str = "Извините, я не могу ответить на это. Чем ещё могу помочь?"
     prompts_path: str | None = None  # YAML; relative paths resolve against the config file's folder
     preload: bool = True  # load prompts and the tokenizer (~0.2 s) at init_resources(), not at the first call
+    shared_connection: bool = False  # one warm client per provider for all calls (docs/llm.md)
 
     @model_validator(mode="after")
     def _keepalive_outlives_warmup(self) -> LLMSettings:
@@ -298,21 +299,33 @@ class FaqSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
+    """voxcore's own OpenTelemetry SDK set-up (needs the ``otel`` extra); never over a host's providers.
+
+    The standard ``OTEL_*`` variables win over these keys (the deployment's environment overrides
+    the file, as everywhere in voxcore's settings): ``OTEL_SERVICE_NAME``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_TRACES_EXPORTER``,
+    ``OTEL_METRICS_EXPORTER``, ``OTEL_METRIC_EXPORT_INTERVAL``.
+    """
 
     model_config = _STRICT
 
     enabled: bool = False
     service_name: str = "voxcore"
-    otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT, then http://127.0.0.1:4318
+    otlp_endpoint: str | None = None  # default: http://127.0.0.1:4318 (http/protobuf) or :4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    traces_exporter: Literal["otlp", "none"] = "otlp"
+    metrics_exporter: Literal["otlp", "none"] = "otlp"  # none: e.g. Jaeger v1, which takes traces only
+    metric_export_interval_ms: PositiveInt = 5000
+    shutdown_timeout_s: PositiveFloat = 1.0  # longest a stop waits for an unreachable collector
+    record_text: bool = False  # put user/model text on turn spans (marked droppable; see docs/telemetry.md)
 
 
 class LoggingSettings(BaseModel):
-    """JSON logging installed by the container (``configure: false`` leaves the host's set-up alone)."""
+    """voxcore's JSON log lines: off by default (the host's logging gets the records); the CLI sets them."""
 
     model_config = _STRICT
 
-    configure: bool = True
+    configure: bool = False  # true: the container adds a stderr JSON handler to the `voxcore` logger
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

@@ -181,3 +181,13 @@ def test_missing_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:
     done = run("probe-cache", "--embedded-redis", env={"PATH": python_dir})
     assert done.returncode == 2
     assert "no redis-server binary on PATH" in json_lines(done.stdout)[-1]["error"]
+
+
+def test_demo_without_espeak_stops_with_one_clear_line(tmp_path: Path) -> None:
+    # No espeak-ng and no provider: the only voice left would be the simulator's test tones.
+    env = {"VOXCORE_VOICE__ESPEAK__BINARY": "no-espeak-here", "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}
+    done = run("demo", "--report-dir", str(tmp_path), env=env)
+    assert done.returncode == 2  # a configuration error
+    errors = [line for line in json_lines(done.stdout) if line["event"] == "error"]
+    assert len(errors) == 1 and "espeak-ng" in errors[0]["error"] and "apt-get install" in errors[0]["error"]
+    assert not list(tmp_path.glob("demo_call_*"))

@@ -108,7 +108,7 @@ def trim_silence(
     threshold: int = DEFAULT_SILENCE_THRESHOLD,
     fade_ms: int = DEFAULT_FADE_MS,
 ) -> bytes:
-    """``pcm`` with its leading and trailing silence cut to at most ``keep_ms`` each, faded at the edges.
+    """``pcm`` with its leading and trailing silence cut to at most ``keep_ms`` each, faded in.
 
     The whole-buffer form of :class:`EdgeTrimmer` (same result). Other encodings are returned as is.
     """
@@ -117,29 +117,31 @@ def trim_silence(
 
 
 class EdgeTrimmer:
-    """Streams a synthesized piece with its edge silence cut to a pause and faded edges.
+    """Streams a synthesized piece with its edge silence cut to a pause and a faded-in start.
 
-    Leading frames under ``threshold`` are dropped except the last ``keep_ms`` before the sound;
-    trailing ones are held back (the piece may go on) and at :meth:`flush` at most ``keep_ms`` of
-    them is let out. The first ``fade_ms`` are faded in and the end fades out to zero, so the
-    piece starts and ends without a click. Silence *inside* the piece is never touched. Pieces in
-    another encoding pass through unchanged.
+    Leading frames under ``threshold`` are dropped except the last ``keep_ms`` before the sound.
+    After the sound, quiet frames are let out at once up to ``keep_ms`` (they are kept in any
+    case), and only the quiet beyond that is held back until it is known whether the piece goes
+    on (then it is let out: silence *inside* the piece is never touched) or ends (then it is
+    dropped). So trimming never delays audio that will be played. The first ``fade_ms`` are faded
+    in. Pieces in another encoding pass through unchanged.
 
     Args:
         fmt: The PCM format.
         keep_ms: Longest silence kept at each edge.
         threshold: Largest absolute sample value that counts as silence.
-        fade_ms: Fade-in and fade-out length.
+        fade_ms: Fade-in length.
     """
 
     __slots__ = (
         "_active",
+        "_fade",
         "_faded_in",
         "_fmt",
         "_frame",
         "_held",
         "_keep",
-        "_fade",
+        "_quiet_out",
         "_started",
         "_threshold",
     )
@@ -160,7 +162,8 @@ class EdgeTrimmer:
         self._keep = fmt.sample_rate * _check(keep_ms, "keep_ms") // 1000 * self._frame
         self._fade = _check(fade_ms, "fade_ms")
         self._threshold = threshold
-        self._held = bytearray()  # quiet frames (leading or trailing) not let out yet, + a partial frame
+        self._held = bytearray()  # quiet frames not let out yet, + a partial frame
+        self._quiet_out = 0  # bytes of quiet let out since the last loud frame
         self._started = False  # the first loud frame has been seen
         self._faded_in = False
 
@@ -197,24 +200,20 @@ class EdgeTrimmer:
             self._started = True
             start = max(0, first * self._frame - self._keep)
             samples = _samples(data[start:whole])
-        end = self._last_loud(samples) * self._frame
         raw = _bytes(samples)
-        out, self._held = raw[:end], bytearray(raw[end:]) + partial
+        end = self._last_loud(samples) * self._frame
+        if end:
+            self._quiet_out = 0
+        allowance = max(0, self._keep - self._quiet_out)
+        out = raw[: end + allowance]
+        self._quiet_out += len(out) - end
+        self._held = bytearray(raw[end + allowance :]) + partial
         if out and not self._faded_in:
             self._faded_in = True
             out = fade(out, self._fmt, fade_in_ms=self._fade)
         return out
 
     def flush(self) -> bytes:
-        """End of the piece: at most ``keep_ms`` of its trailing silence, faded out to zero."""
-        if not self._active:
-            return b""
-        if not self._started:  # nothing but silence: the piece says nothing
-            self._held.clear()
-            return b""
-        whole = len(self._held) - len(self._held) % self._frame
-        tail = bytes(self._held[: min(whole, self._keep)])
+        """End of the piece: the quiet held back beyond ``keep_ms`` is dropped; nothing is left."""
         self._held.clear()
-        if not tail:
-            return b""
-        return fade(tail, self._fmt, fade_out_ms=self._fade)
+        return b""

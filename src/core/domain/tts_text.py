@@ -105,6 +105,7 @@ def tts_cache_key(
     engine: str,
     audio_format: AudioFormat,
     speed: float = 1.0,
+    variant: str = "",
 ) -> str:
     """The ``tts:*`` cache key of one synthesis: ``tts:`` + 32 hex digits of a SHA-256.
 
@@ -121,6 +122,9 @@ def tts_cache_key(
         engine: Engine identifier (``TTSEngine.name``).
         audio_format: The PCM format of the stored audio.
         speed: Speaking rate multiplier (it changes the audio, so it is part of the key).
+        variant: How the stored audio was processed after synthesis (the hybrid responder stores
+            it with its edge silence trimmed: ``"trim30/160"``); ``""`` for the engine's audio as
+            is. Part of the key only when not empty, so plain keys are unchanged.
 
     Returns:
         A key such as ``tts:3f2a...`` (36 characters).
@@ -140,7 +144,9 @@ def tts_cache_key(
         raise InvalidTTSTextError(f"audio_format must be an AudioFormat, got {type(audio_format).__name__}")
     if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 < speed < math.inf:
         raise InvalidTTSTextError(f"speed must be a positive number, got {speed!r}")
-    payload = {
+    if not isinstance(variant, str):
+        raise InvalidTTSTextError(f"variant must be str, got {type(variant).__name__}")
+    payload: dict[str, object] = {
         "v": TTS_KEY_VERSION,
         "text": normalized,
         "voice": voice,
@@ -149,5 +155,7 @@ def tts_cache_key(
         "format": audio_format.to_fields(),
         "speed": float(speed),
     }
+    if variant:
+        payload["variant"] = variant
     document = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return tts_key(hashlib.sha256(document.encode("utf-8")).hexdigest()[:TTS_DIGEST_HEX])
