@@ -31,7 +31,8 @@ from pydantic import (
 
 from voxcore.core.ports.errors import ConfigurationError
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# defer_build: the validators are built on first use, not at import (a host imports the container early)
+_STRICT = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 _REDIS_ENV = {
     "REDIS_URL": "url",
     "REDIS_HOST": "host",
@@ -278,7 +279,6 @@ class HybridSettings(BaseModel):
     # Longest silence where a synthesized piece joins the next (edge silence trimmed to half each).
     join_pause_ms: int = Field(default=60, ge=0, le=1000)
     silence_threshold: int = Field(default=160, ge=0, le=32766)  # |sample| counted as silence
-    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class VoiceSettings(BaseModel):
@@ -299,6 +299,7 @@ class VoiceSettings(BaseModel):
     openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
     espeak: EspeakSettings = Field(default_factory=EspeakSettings)
     hybrid: HybridSettings = Field(default_factory=HybridSettings)
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class EmbeddingCacheSettings(BaseModel):
