@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -17,7 +18,9 @@ from opentelemetry.trace import Link, Status, StatusCode
 from pydantic import BaseModel
 
 from voxcore.application.context import LLMContext
+from voxcore.application.dialogue import DialogueRecorder
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.live_events import CallEvents
 from voxcore.core.domain.keys import session_hash, summary_key
 from voxcore.core.domain.models import (
     ConversationHistory,
@@ -81,11 +84,14 @@ class TurnMetrics:
         turn: 1-based index of the turn in this conversation.
         outcome: ``ok``; ``failed`` (an error ended it); ``closed`` (the consumer stopped early or
             the task was cancelled).
-        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it
-            (``None`` when the turn did not complete, or the client does not know).
+        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it (also
+            for a turn that failed or was closed after it; ``None`` when no token came, or the client
+            does not know).
         client_ttft_ms: The same value as ``time_to_first_token_ms`` (the name it had before).
         time_to_first_text_ms: Turn start -> first speakable answer character handed to the consumer
             (the unsafe reply counts; ``None`` when none was).
+        server_deltas: Content deltas the server streamed (``None`` when the turn did not complete).
+        stream_total_ms: Request sent -> end of the stream, as the client measured it (``None`` likewise).
         response_total_ms: Turn start -> end of the stream (or of the turn, when it did not finish).
         context_ratio_before: Active context's usage ratio when the turn started.
         context_ratio_after: Active context's usage ratio when the turn ended.
@@ -113,6 +119,8 @@ class TurnMetrics:
     rolled_back: bool
     error_type: str | None = None
     time_to_first_text_ms: float | None = None
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -126,6 +134,9 @@ class _Turn:
     handovers_before: int = 0
     ttft_ms: float | None = None  # request sent -> first token (the client's measure)
     first_text_ms: float | None = None  # turn start -> first speakable character
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
+    streamed: bool = False  # the client's stream of this turn was created
     connection_reused: bool | None = None
     total_ms: float | None = None
     chunks: int = 0
@@ -179,6 +190,8 @@ class ConversationManager(AbstractConversationManager):
             Every turn and summary of the call is in its trace; :meth:`shutdown` ends it.
         record_text: Put the user's and the model's text on turn spans (attributes listed in
             :data:`TEXT_ATTRIBUTES`, marked droppable); off by default.
+        dialogue: Writes completed turns to the dialogue cache in the background (``None``: not kept).
+        events: Publishes the call's live events (``None``: none).
 
     Raises:
         ValueError: an empty model name or unsafe reply, or a non-positive TTL or token budget.
@@ -204,6 +217,8 @@ class ConversationManager(AbstractConversationManager):
         meter: metrics.Meter | None = None,
         call_span: trace.Span | None = None,
         record_text: bool = False,
+        dialogue: DialogueRecorder | None = None,
+        events: CallEvents | None = None,
     ) -> None:
         for name, value in (("main_model", main_model), ("summary_model", summary_model)):
             if not value:
@@ -236,6 +251,8 @@ class ConversationManager(AbstractConversationManager):
             call_span if call_span is not None else start_call_span(self._tracer, self._session_hash)
         )
         self._call_context = trace.set_span_in_context(self._call_span)
+        self._dialogue = dialogue
+        self._events = events
         if dual_context.summarizer is None:
             dual_context.bind_summarizer(self.summarize)
 
@@ -282,6 +299,14 @@ class ConversationManager(AbstractConversationManager):
         """The call's trace id (32 hex), or ``None`` when no tracing SDK is installed."""
         context = self._call_span.get_span_context()
         return format(context.trace_id, "032x") if context.is_valid else None
+    def dialogue(self) -> DialogueRecorder | None:
+        """The writer of this call's turns to the dialogue cache, if kept."""
+        return self._dialogue
+
+    @property
+    def events(self) -> CallEvents | None:
+        """This call's live events (a host adds its own, e.g. ``audio_started``), if published."""
+        return self._events
 
     # -- turns -----------------------------------------------------------------------------------------
 
@@ -352,6 +377,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.spoken = True
                         self._first_text(turn, span)
                         turn.chunks += 1
+                        if self._events is not None:
+                            self._events.answer_delta(self._unsafe_reply)
                         yield LLMStreamChunk(
                             text_chunk=self._unsafe_reply,
                             is_safe=False,
@@ -383,6 +410,8 @@ class ConversationManager(AbstractConversationManager):
                                     is_safe=out.is_safe,
                                     aggression_score=out.aggression_score,
                                 )
+                        if self._events is not None:
+                            self._events.answer_delta(text)
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -436,11 +465,17 @@ class ConversationManager(AbstractConversationManager):
         self._turns += 1
         dual = self._dual
         dual.begin_turn()
-        dual.active_context.append(user_message)
+        stored_user = dual.active_context.append(user_message)
         dual.after_message()
-        dual.active_context.append(answer)
+        stored_answer = dual.active_context.append(answer)
         dual.after_message()
         emit(logger, "user_turn_answered", turn=self._turns, source=source, chars=len(answer_text))
+        if self._dialogue is not None:
+            self._record((stored_user, stored_answer), {"turn": self._turns, "source": source})
+        if self._events is not None:
+            self._events.turn_started(self._turns, user_message["content"])
+            self._events.answer_delta(answer_text)
+            self._events.turn_finished({"turn": self._turns, "outcome": "ok", "source": source})
 
     def _release(self, turn: _Turn, span: trace.Span) -> None:
         if span.is_recording():
@@ -458,6 +493,10 @@ class ConversationManager(AbstractConversationManager):
         emit(logger, "user_turn_start", logging.DEBUG, turn=turn.index, ratio=turn.ratio_before)
         dual.begin_turn()
         turn.user_message = dual.active_context.append(user_message)
+        if self._events is not None:
+            self._events.turn_started(turn.index, user_message["content"])
+            if dual.handovers != turn.handovers_before and dual.last_handover is not None:
+                self._events.handover(**dataclasses.asdict(dual.last_handover))
         dual.after_message()  # may start a warm-up task; never awaited here
         context = dual.active_context
         prompt = context.build_prompt()
@@ -465,9 +504,11 @@ class ConversationManager(AbstractConversationManager):
         self._usage_ratio.record(turn.prompt_ratio)
         http_client = await self._connection_manager.get_client()
         turn.previous_result = self._llm_client.last_result
-        return self._llm_client.stream_structured_generate(
+        stream = self._llm_client.stream_structured_generate(
             http_client, prompt, self._main_model, self._response_model
         )
+        turn.streamed = True
+        return stream
 
     def _commit(self, turn: _Turn) -> None:
         """Add the full reply to the context active now (a handover may have happened meanwhile)."""
@@ -475,9 +516,23 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
+            turn.server_deltas = result.chunks
+            turn.stream_total_ms = result.total_ms
+        elif turn.streamed:  # closed early (an unsafe answer): the first token still came
+            turn.ttft_ms = self._llm_client.last_ttft_ms
         reply = self._repaired("".join(turn.parts), "assistant_reply")
-        self._dual.active_context.append(make_message("assistant", reply))
+        answer = self._dual.active_context.append(make_message("assistant", reply))
         self._dual.after_message()
+        if self._dialogue is not None and turn.user_message is not None:
+            self._record(
+                (turn.user_message, answer),
+                {
+                    "turn": turn.index,
+                    "time_to_first_token_ms": turn.ttft_ms,
+                    "response_total_ms": turn.total_ms,
+                    "unsafe": turn.unsafe,
+                },
+            )
 
     def _repaired(self, text: str, where: str) -> str:
         """``text`` with unpaired surrogates replaced by U+FFFD; one ``text_repaired`` line if any."""
@@ -529,11 +584,16 @@ class ConversationManager(AbstractConversationManager):
         if turn.ttft_ms is not None:
             span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
             emit(logger, "time_to_first_token_ms", logging.DEBUG, turn=turn.index, ms=turn.ttft_ms)
-        return self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        metrics = self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        if self._events is not None:
+            self._events.turn_finished(dataclasses.asdict(metrics))
+        return metrics
 
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
         """End a turn that did not complete: roll it back as documented, log and record why."""
         rolled_back = False
+        if turn.streamed and turn.ttft_ms is None:  # a stream that failed after its first token
+            turn.ttft_ms = self._llm_client.last_ttft_ms
         if turn.user_message is not None and not turn.spoken:
             rolled_back = self._dual.retract(turn.user_message)
         ratio_after = self._dual.active_context.estimate_usage_ratio()
@@ -572,6 +632,21 @@ class ConversationManager(AbstractConversationManager):
         self._last_metrics = self._metrics(
             turn, outcome, ratio_after, self._ms_since(turn.started), handover_ms, rolled_back, error_type
         )
+        if turn.user_message is not None and not rolled_back and self._dialogue is not None:
+            # The user message stays in the context (the caller heard part of an answer): keep it.
+            self._record((turn.user_message,), {"turn": turn.index, "outcome": outcome})
+        if self._events is not None:
+            if error_type is not None:
+                self._events.error(error_type, str(exc))
+            self._events.turn_finished(dataclasses.asdict(self._last_metrics))
+
+    def _record(self, messages: tuple[ConversationMessage, ...], figures: dict[str, Any]) -> None:
+        """Hand the messages the active context kept to the dialogue cache's background writer."""
+        assert self._dialogue is not None
+        context = self._dual.active_context
+        self._dialogue.record(
+            messages, history_length=context.message_count, summary=context.summary, figures=figures
+        )
 
     def _metrics(
         self,
@@ -599,6 +674,8 @@ class ConversationManager(AbstractConversationManager):
             unsafe=turn.unsafe,
             rolled_back=rolled_back,
             error_type=error_type,
+            server_deltas=turn.server_deltas,
+            stream_total_ms=turn.stream_total_ms,
         )
 
     def _handover_ms(self, turn: _Turn) -> float | None:
@@ -668,6 +745,8 @@ class ConversationManager(AbstractConversationManager):
             records = decode_records(text) if text is not None else ()
             cached = find_covering(records, digest=digest, messages=messages)
             span.set_attribute("voxcore.summary_cache.hit", cached is not None)
+            if self._events is not None:
+                self._events.summary_cache(hit=cached is not None, messages=messages)
             emit(
                 logger,
                 "summary_cache_check",
@@ -710,7 +789,13 @@ class ConversationManager(AbstractConversationManager):
             await self._dual.shutdown()
         finally:
             try:
-                await self._connection_manager.shutdown()
+                try:
+                    await self._connection_manager.shutdown()
+                finally:
+                    if self._dialogue is not None:
+                        await self._dialogue.aclose()  # pending turns are written first (bounded wait)
+                    if self._events is not None:
+                        self._events.call_ended(turns=self._turns)
                 emit(logger, "manager_shutdown", turns=self._turns)
             finally:
                 otel_context.detach(token)
