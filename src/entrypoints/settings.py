@@ -122,8 +122,8 @@ class CacheSettings(BaseModel):
     prev_grace_seconds: PositiveInt = 30
     breaker_base_window_ms: PositiveFloat = 250.0
     breaker_max_window_ms: PositiveFloat = 750.0  # so Redis is found back within ~1 s
-    op_timeout_ms: PositiveFloat = 200.0  # deadline of every read (and small write), retries included
-    bulk_timeout_ms: PositiveFloat = 2000.0  # deadline of fragment writes and of a stream's tail
+    op_timeout_ms: PositiveFloat = 200.0  # deadline of audio-path reads (fragment, format, stream head)
+    bulk_timeout_ms: PositiveFloat = 2000.0  # off the audio path: writes, texts, a stream's tail
     extra_namespaces: tuple[str, ...] = ()  # key namespaces accepted besides static, tts, summary
 
     @model_validator(mode="after")

@@ -75,9 +75,9 @@ return last - first + 1
 _WRITE_SHA: Final = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
 _EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
-#: Default per-call deadline of reads on the audio path, and of everything else small.
+#: Default per-call deadline of reads on the audio path (fragments, formats, a stream's head).
 DEFAULT_OP_TIMEOUT_MS: Final = 200.0
-#: Default deadline of calls that move a whole fragment (writes, the rest of a streamed read).
+#: Default deadline of calls off the audio path: writes, texts (summaries), the rest of a streamed read.
 DEFAULT_BULK_TIMEOUT_MS: Final = 2000.0
 
 
@@ -88,10 +88,11 @@ class RedisCacheManager(AbstractAudioCache):
     ``__new__``: tests and tools may still build separate instances for separate servers.
 
     Every operation is soft: a Redis failure returns ``False``/``None`` (logged as ``redis_error``,
-    rate-limited per operation) and every call is bounded by a deadline (``op_timeout_ms``; writes
-    and the tail of a streamed read ``bulk_timeout_ms``). After a connection-level failure or a
-    missed deadline a circuit breaker answers further calls at once while one background PING per
-    window finds out whether Redis is back; each state change is one ``redis_circuit`` line.
+    rate-limited per operation) and every call is bounded by a deadline (``op_timeout_ms`` for
+    reads on the audio path; writes, texts and the tail of a streamed read ``bulk_timeout_ms``).
+    After a connection-level failure or a missed deadline a circuit breaker answers further calls at
+    once while one background PING per window finds out whether Redis is back; each state change is
+    one ``redis_circuit`` line.
 
     A caller that must tell a miss from an outage uses :meth:`fetch_audio_chunks` or
     ``open_audio_stream(key, raise_on_outage=True)``: an outage raises
@@ -106,8 +107,9 @@ class RedisCacheManager(AbstractAudioCache):
         prev_grace_seconds: How long an overwritten fragment stays readable for open streams.
         breaker: Fast-fail policy; a default one is made when omitted.
         clock: Monotonic seconds (injectable for tests).
-        op_timeout_ms: Per-call deadline of reads and small writes.
-        bulk_timeout_ms: Per-call deadline of fragment writes and of the rest of a streamed read.
+        op_timeout_ms: Per-call deadline of reads on the audio path (fragments, formats, a stream's head).
+        bulk_timeout_ms: Per-call deadline of calls off the audio path: writes, texts, the rest of a
+            streamed read.
         extra_namespaces: Key namespaces accepted besides ``static``, ``tts`` and ``summary``.
 
     Raises:
@@ -454,6 +456,7 @@ class RedisCacheManager(AbstractAudioCache):
             lambda r: r.execute_command(  # type: ignore[no-untyped-call,unused-ignore]
                 "SETEX", self._prefix + key, ttl_seconds, payload
             ),
+            timeout_s=self._bulk_timeout_s,  # off the audio path: summaries
         )
         return not isinstance(result, Failure)
 
@@ -461,7 +464,9 @@ class RedisCacheManager(AbstractAudioCache):
         """The UTF-8 text at ``key``, or ``None`` (missing, expired, not UTF-8, or a soft failure)."""
         if not self._check_key("get_text", key):
             return None
-        raw = await self._run("get_text", key, lambda r: r.get(self._prefix + key))
+        raw = await self._run(
+            "get_text", key, lambda r: r.get(self._prefix + key), timeout_s=self._bulk_timeout_s
+        )
         if isinstance(raw, Failure) or raw is None:
             return None
         try:
