@@ -23,7 +23,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialBackoff
 
 from voxcore.core.domain.secrets import MASK, mask_url
 
@@ -309,15 +309,15 @@ class RedisConfig:
         command even when a connection is free); callers that need queueing bound their own
         concurrency to ``max_connections`` (as ``RedisCacheManager`` does).
 
-        redis-py's retry is off (``Retry(NoBackoff(), 0)``): on a lost or late reply it would send
-        the command again on a new connection, and a write would run twice. voxcore's guard
-        retries idempotent reads itself.
+        redis-py's retry only covers failures *before* the command left (:class:`ConnectRetry`:
+        connecting refused or timed out): on a lost or late reply it would send the command again
+        on a new connection, and a write would run twice. voxcore's guard retries idempotent reads.
 
         ``decode_responses=False`` keeps list elements as ``bytes``. Closing the client
         (``aclose()``) also closes the pool.
         """
         options = self._common_options()
-        options["retry"] = Retry(NoBackoff(), 0)
+        options["retry"] = ConnectRetry(ExponentialBackoff(cap=0.05, base=0.005), self.retries)
         if self.url:
             pool = redis.ConnectionPool.from_url(self.url, **options)
         else:
@@ -325,6 +325,32 @@ class RedisConfig:
                 host=self.host, port=self.port, db=self.db, password=self.password, **options
             )
         return redis.Redis.from_pool(pool)
+
+
+class ConnectRetry(Retry):
+    """redis-py's ``Retry``, limited to failures that happened before the command was sent.
+
+    A command is resent only when connecting failed (refused, unreachable, timed out): then nothing
+    reached the server. After the command was written, a lost, cut or late reply is never answered
+    by sending it again - a ``SET NX``, a script or a MULTI/EXEC would run twice.
+    """
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def before_send(error: Exception) -> bool:
+            return sent_nothing(error) and (is_retryable is None or is_retryable(error))
+
+        return await super().call_with_retry(do, fail, before_send, with_failure_count)
+
+
+def sent_nothing(error: BaseException) -> bool:
+    """True when ``error`` is redis-py's report of a failed connection attempt (nothing was sent)."""
+    return "connecting" in str(error).lower()
 
 
 class SlotMapGate:

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 from opentelemetry import metrics
 from redis import exceptions as redis_exc
 
-from voxcore.adapters.redis.config import RedisClient, SlotMapGate
+from voxcore.adapters.redis.config import RedisClient, SlotMapGate, sent_nothing
 from voxcore.core.domain.resilience import OPEN, CircuitBreaker
 from voxcore.events import emit
 
@@ -323,10 +323,8 @@ class RedisGuard:
                 return Failure("busy", "no free Redis connection in time (pool exhausted)")
             return Failure("timeout", "no reply before the per-call deadline", uncertain=not idempotent)
         except CONNECTION_ERRORS as exc:
-            text = _describe(exc)
             # Refused or unreachable while connecting: nothing was sent, so nothing can have run.
-            sent = "connecting" not in text.lower()
-            return Failure("connection", text, uncertain=sent and not idempotent)
+            return Failure("connection", _describe(exc), uncertain=not sent_nothing(exc) and not idempotent)
         except ANSWERED_ERRORS as exc:
             return Failure("error", _describe(exc))
         except Exception as exc:
