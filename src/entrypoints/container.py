@@ -14,6 +14,7 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -167,11 +168,11 @@ async def open_conversation(
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
     """
     connection = connection_factory()
-    await connection.start()
     try:
+        await connection.start()
         return manager_factory(session_id=session_id, connection_manager=connection)
-    except BaseException:
-        await connection.shutdown()
+    except BaseException:  # a failed or cancelled open leaves no connection or warm-up loop behind
+        await asyncio.shield(connection.shutdown())
         raise
 
 
@@ -390,26 +391,34 @@ async def open_spoken_conversation(
     manager_factory: Callable[..., ConversationManager],
     settings: Settings,
     cache: RedisCacheManager,
-    engines: Any,
+    engines: Callable[[], Any],
     converter: SoxrAudioConverter,
-    faq: Any,
+    faq: Callable[[], Any],
 ) -> SpokenConversation:
     """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
 
-    ``await conversation.shutdown()`` closes the call's connection and drains the responder.
+    ``await conversation.shutdown()`` closes the call's connection and drains the responder. The
+    resources arrive as providers (resolved here): an awaitable argument would make the container
+    run this coroutine detached from its caller, so a caller cancelling the open (a caller hanging up
+    while connecting) would leak the opened call.
     """
-    matcher = await faq if inspect.isawaitable(faq) else faq
+    matcher = await _resolved(faq())
+    engine_map = await _resolved(engines())
     manager = await open_conversation(
         session_id, connection_factory=connection_factory, manager_factory=manager_factory
     )
     try:
         responder = await open_hybrid_responder(
-            settings=settings, cache=cache, engines=engines, converter=converter
+            settings=settings, cache=cache, engines=engine_map, converter=converter
         )
     except BaseException:
-        await manager.shutdown()
+        await asyncio.shield(manager.shutdown())
         raise
     return SpokenConversation(conversation=manager, responder=responder, faq=matcher)
+
+
+async def _resolved(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 def preload_llm(
@@ -584,7 +593,7 @@ class Container(containers.DeclarativeContainer):
         manager_factory=conversation_manager.provider,
         settings=settings,
         cache=cache,
-        engines=tts_engines,
+        engines=tts_engines.provider,
         converter=audio_converter,
-        faq=faq_matcher,
+        faq=faq_matcher.provider,
     )
