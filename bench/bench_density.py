@@ -431,7 +431,18 @@ def render(
                 f"({'OK' if r['rss_per_call_mb'] <= TARGET_RSS_MB else 'FAIL'})",
             ]
             lines.append(f"- {mode}, N = {TARGET_CALLS}: " + "; ".join(verdict))
-    lines.append("")
+    lines += [
+        "",
+        "Reading the table: *CPU busy* near 100% means the worker needs more than its core and latency "
+        "grows with N; a large *waited* share means other processes held the worker's core (the machine "
+        "was not quiet), which inflates loop lag, late chunks and TTFA without the worker being short of "
+        "CPU itself. *calls/core* is what one uncontended core would carry at that N's CPU per "
+        "call-second; since wake-ups are shared by more calls as N grows, the figure at the largest N "
+        "that still kept up is the realistic one. Rows with no turns had every call stuck behind the "
+        "backlog of the first turns (CPU starvation), so their CPU per call-second is not a steady "
+        "state.",
+        "",
+    ]
     return "\n".join(lines)
 
 
