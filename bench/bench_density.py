@@ -40,6 +40,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 @contextlib.contextmanager
-def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[str]:
+def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[tuple[str, int]]:
     """``python -m voxcore.simulator`` streaming ~50 tokens/s after ``first_token_ms``; yields its URL."""
     command = [
         sys.executable,
@@ -309,7 +310,7 @@ def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[
         started = json.loads(proc.stdout.readline())
         if started.get("event") != "simulator_started":
             raise RuntimeError(f"simulator did not start: {started}")
-        yield str(started["base_url"])
+        yield str(started["base_url"]), proc.pid
     finally:
         proc.terminate()
         try:
@@ -324,6 +325,7 @@ def run_child(
     args: argparse.Namespace,
     redis_url: str,
     base_url: str,
+    sim_pid: int,
     shared: bool,
     think_s: float,
     window_s: float | None = None,
@@ -347,10 +349,20 @@ def run_child(
     if args.worker_cpu is not None:
         command += ["--pin", str(args.worker_cpu)]
     budget = 120 + args.window_s + n * 0.1
+    sim_cpu0, started = _process_cpu_s(sim_pid), time.monotonic()
     out = subprocess.run(command, capture_output=True, text=True, timeout=budget)
     if out.returncode != 0:
         raise RuntimeError(f"worker for N={n} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    # the simulator's average CPU over the worker's whole run: near 100%, the simulator is the bottleneck
+    result["simulator_cpu_share"] = (_process_cpu_s(sim_pid) - sim_cpu0) / (time.monotonic() - started)
+    return result
+
+
+def _process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:
@@ -388,9 +400,10 @@ def render(
         "- late: a chunk more than 20 ms after its real-time slot; first-audio overhead: p50/p99 of the "
         "loaded run minus the unloaded p50 (N = 1) of the same mode; calls/core = 1 / CPU per call-second",
         "",
-        "| mode | N | CPU per call-second | calls/core | CPU busy / waited | RSS per call | TTFA p50 / p99 "
+        "| mode | N | CPU per call-second | calls/core | CPU busy / waited | simulator CPU | RSS per call "
+        "| TTFA p50 / p99 "
         "| overhead p50 / p99 | late chunks / played | max late | loop lag max | turns (failed) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mode = "shared HTTP" if r["shared"] else "per-call HTTP"
@@ -399,6 +412,7 @@ def render(
             f"| {mode} | {r['calls']} | {r['cpu_per_call_s'] * 1000:.2f} ms "
             f"| {1 / r['cpu_per_call_s']:.0f} "
             f"| {r['cpu_share'] * 100:.0f}% / {r['runqueue_wait_share'] * 100:.0f}% "
+            f"| {r['simulator_cpu_share'] * 100:.0f}% "
             f"| {r['rss_per_call_mb'] * 1000:.0f} KB "
             f"| {_ms(r['ttfa_p50'])} / {_ms(r['ttfa_p99'])} ms "
             f"| {_ms(r['ttfa_p50'] - base, True)} / {_ms(r['ttfa_p99'] - base, True)} ms "
@@ -436,7 +450,9 @@ def render(
         "Reading the table: *CPU busy* near 100% means the worker needs more than its core and latency "
         "grows with N; a large *waited* share means other processes held the worker's core (the machine "
         "was not quiet), which inflates loop lag, late chunks and TTFA without the worker being short of "
-        "CPU itself. *calls/core* is what one uncontended core would carry at that N's CPU per "
+        "CPU itself. *simulator CPU* near 100% means the LLM/TTS simulator (one Python process on the "
+        "other CPU) could not stream any faster, so TTFA grows without the worker being at fault. "
+        "*calls/core* is what one uncontended core would carry at that N's CPU per "
         "call-second; since wake-ups are shared by more calls as N grows, the figure at the largest N "
         "that still kept up is the realistic one. Rows with no turns had every call stuck behind the "
         "backlog of the first turns (CPU starvation), so their CPU per call-second is not a steady "
@@ -488,7 +504,10 @@ def main() -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.shared_http]
     results: list[dict[str, Any]] = []
     unloaded: dict[str, dict[str, Any]] = {}
-    with EmbeddedRedis() as redis_server, simulator_process(args.first_token_ms, others) as base_url:
+    with (
+        EmbeddedRedis() as redis_server,
+        simulator_process(args.first_token_ms, others) as (base_url, sim_pid),
+    ):
         if others:
             import redis as redis_sync
 
@@ -496,11 +515,11 @@ def main() -> int:
                 os.sched_setaffinity(int(client.info("server")["process_id"]), others)
         for shared in modes:
             mode = "shared HTTP" if shared else "per-call HTTP"
-            u = run_child(1, args, redis_server.url, base_url, shared, think_s=0.5, window_s=30.0)
+            u = run_child(1, args, redis_server.url, base_url, sim_pid, shared, think_s=0.5, window_s=30.0)
             unloaded[mode] = u
             print(json.dumps({"unloaded": mode, **u}), flush=True)
             for n in [int(v) for v in args.calls.split(",") if v.strip()]:
-                r = run_child(n, args, redis_server.url, base_url, shared, think_s=args.think_s)
+                r = run_child(n, args, redis_server.url, base_url, sim_pid, shared, think_s=args.think_s)
                 results.append(r)
                 print(json.dumps(r), flush=True)
     section = render(results, unloaded, args)
