@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -66,6 +68,17 @@ class CallStats:
     max_late_ms: float = 0.0
     turns: int = 0
     failed: int = 0
+
+
+class _WarningCounter(logging.Handler):
+    """Counts the worker's WARNING+ events by name (soft failures: pool exhausted, TTS fallbacks...)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.getMessage()] += 1
 
 
 @dataclass
@@ -164,6 +177,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     from voxcore.entrypoints.settings import load_settings
 
     configure_logging("INFO", stream=_DEVNULL)  # production logging, written nowhere
+    warnings = _WarningCounter()
+    logging.getLogger("voxcore").addHandler(warnings)
     env = {
         "REDIS_URL": args.redis_url,
         "OPENAI_BASE_URL": args.base_url,
@@ -171,8 +186,15 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "VOXCORE_LOGGING__CONFIGURE": "false",
         "VOXCORE_VOICE__DEFAULT_AGENT__ENGINE": "openai",
         "VOXCORE_VOICE__DEFAULT_AGENT__VOICE": "alloy",
-        "VOXCORE_REDIS__MAX_CONNECTIONS": "64",
+        # A pool wait past pool_timeout is a soft miss, and a missed tts:* lookup is re-synthesized: an
+        # overloaded worker would amplify its own load. Room for 1 000 calls' reads:
+        "VOXCORE_REDIS__MAX_CONNECTIONS": "256",
+        "VOXCORE_REDIS__POOL_TIMEOUT": "3",
         "VOXCORE_LLM__SHARED_CONNECTION": "true" if args.shared else "false",
+        # Each call has its own responder, and a responder speculates on its first synthesized item: with
+        # hundreds of calls opening at once that is hundreds of TTS requests cancelled a moment later
+        # (a herd that starves the worker), so density runs without the speculation.
+        "VOXCORE_VOICE__HYBRID__SPECULATIVE_FIRST_TTS": "false",
     }
     container = Container(settings=load_settings(env=env))
     await container.init_resources()
@@ -249,6 +271,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "ttfa_p50": statistics.median(ttfa) if ttfa else math.nan,
         "ttfa_p99": _pct(ttfa, 99),
         "loop_lag_max_ms": round(worst_lag[0], 1),
+        "warnings": dict(warnings.counts.most_common(6)),
         **breakdown,
     }
 
@@ -394,7 +417,9 @@ def render(
         f"{args.first_token_ms:g} ms, then 4 characters every 20 ms; a {len(REPLY)}-character reply "
         "(3 sentences, ~4.4 s of speech) spoken from the tts:* cache and consumed at real-time pace",
         f"- worker pinned to CPU {args.worker_cpu}; simulator and redis-server on the other CPUs; calls "
-        f"opened 50 at a time; window {args.window_s:g} s per N after every call's first turn",
+        f"opened 50 at a time; window {args.window_s:g} s per N after every call's first turn; "
+        "`voice.hybrid.speculative_first_tts: false` (with it, every new call's first turn sends a TTS "
+        "request that the cache hit cancels: hundreds at once starve the worker)",
         "- CPU busy: worker CPU time / window (100% = one core); waited: time the worker was runnable but "
         "another process held its CPU (/proc schedstat), the machine's contention",
         "- late: a chunk more than 20 ms after its real-time slot; first-audio overhead: p50/p99 of the "
@@ -405,6 +430,7 @@ def render(
         "| overhead p50 / p99 | late chunks / played | max late | loop lag max | turns (failed) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
     for r in results:
         mode = "shared HTTP" if r["shared"] else "per-call HTTP"
         base = unloaded[mode]["ttfa_p50"]
@@ -419,7 +445,11 @@ def render(
             f"| {r['late']} / {r['chunks']} | {r['max_late_ms']:.1f} ms | {r['loop_lag_max_ms']:.1f} ms "
             f"| {r['turns']} ({r['failed']}) |"
         )
+        if r.get("warnings"):
+            shown = ", ".join(f"{name} x{count}" for name, count in r["warnings"].items())
+            notes.append(f"- {mode}, N = {r['calls']}: warnings {shown}")
     lines.append("")
+    lines += notes
     for mode, u in unloaded.items():
         lines.append(f"- unloaded ({mode}, N = 1): TTFA p50 {u['ttfa_p50']:.1f} ms over {u['turns']} turns")
         if "idle_wake_us" in u:
