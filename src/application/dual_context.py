@@ -318,6 +318,7 @@ class DualContextController:
         emit(
             logger,
             "warmup_start",
+            logging.DEBUG,
             ratio=source.estimate_usage_ratio(),
             messages=len(snapshot),
             turn=self._turn,

@@ -26,6 +26,7 @@ from voxcore.application._hybrid_state import (
     wait_settled,
 )
 from voxcore.application._hybrid_synthesis import SynthesisPool
+from voxcore.application.shared_synthesis import SharedSynthesis
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.hybrid import (
     HybridTurnMetrics,
@@ -141,6 +142,10 @@ class HybridResponder:
             targets only; other encodings are joined as they are.)
         silence_threshold: Largest absolute sample value (of 32767) that counts as silence when
             trimming.
+        shared_synthesis: Cross-worker single flight of TTS misses: a worker that finds another
+            one synthesizing the same key (a short Redis lease) plays that audio from the cache
+            once stored instead of synthesizing it again (see ``SharedSynthesis``). ``None``: every
+            process synthesizes its own misses.
         clock: Monotonic seconds.
         tracer: OpenTelemetry tracer (default: the ``voxcore.hybrid`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.hybrid`` one).
@@ -169,6 +174,7 @@ class HybridResponder:
         speculative_first_tts: bool = True,
         join_pause_ms: int | None = DEFAULT_JOIN_PAUSE_MS,
         silence_threshold: int = DEFAULT_SILENCE_THRESHOLD,
+        shared_synthesis: SharedSynthesis | None = None,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
@@ -220,6 +226,7 @@ class HybridResponder:
             trim=self._joins,
             keep_ms=self._edge_keep_ms,
             silence_threshold=silence_threshold,
+            shared=shared_synthesis,
             clock=clock,
             tracer=self._tracer,
         )
@@ -280,7 +287,7 @@ class HybridResponder:
     # -- replies ---------------------------------------------------------------------------------------
 
     def play(
-        self, playlist: Playlist, *, turn_started_at: float | None = None
+        self, playlist: Playlist, *, turn_started_at: float | None = None, parent: trace.Span | None = None
     ) -> AsyncGenerator[bytes, None]:
         """Play ``playlist``: chunks of ``target_format`` in playlist order.
 
@@ -291,6 +298,7 @@ class HybridResponder:
 
         Close the generator (``aclose``, or ``contextlib.aclosing``) to stop early (barge-in): the
         lookups still in flight are cancelled and syntheses nobody else listens to are abandoned.
+        ``parent`` (e.g. ``manager.call_span``) puts the reply's span in that call's trace.
 
         Yields:
             ``chunk_ms`` chunks (the last one of the reply may be shorter).
@@ -301,12 +309,16 @@ class HybridResponder:
         """
         if not isinstance(playlist, Playlist):
             raise TypeError(f"play needs a Playlist, got {type(playlist).__name__}")
-        return self._run(list(playlist.items), None, turn_started_at)
+        return self._run(list(playlist.items), None, turn_started_at, parent)
 
     def speak_text_stream(
-        self, deltas: AsyncIterable[str], *, turn_started_at: float | None = None
+        self,
+        deltas: AsyncIterable[str],
+        *,
+        turn_started_at: float | None = None,
+        parent: trace.Span | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Speak free answer text while it is still streaming in.
+        """Speak free answer text while it is still streaming in (``parent`` as in :meth:`play`).
 
         The text is cut into sentences as it arrives (:class:`SentenceSplitter`); each sentence is
         a TTS item (cache first, synthesized on a miss, cached afterwards), so the first sentence is
@@ -318,14 +330,19 @@ class HybridResponder:
         Yields:
             ``chunk_ms`` chunks of ``target_format``.
         """
-        return self._run([], deltas, turn_started_at)
+        return self._run([], deltas, turn_started_at, parent)
 
     async def _run(
-        self, items: list[PlaylistItem], deltas: AsyncIterable[str] | None, turn_started_at: float | None
+        self,
+        items: list[PlaylistItem],
+        deltas: AsyncIterable[str] | None,
+        turn_started_at: float | None,
+        parent: trace.Span | None = None,
     ) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise RuntimeError("the hybrid responder is shut down")
-        span = self._tracer.start_span("voxcore.hybrid.playlist")
+        in_call = trace.set_span_in_context(parent) if parent is not None else None
+        span = self._tracer.start_span("voxcore.hybrid.playlist", context=in_call)
         started = self._clock()
         turn = Turn(
             started=started,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -11,12 +12,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Link, Status, StatusCode
 from pydantic import BaseModel
 
 from voxcore.application.context import LLMContext
+from voxcore.application.dialogue import DialogueRecorder
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.live_events import CallEvents
 from voxcore.core.domain.keys import session_hash, summary_key
 from voxcore.core.domain.models import (
     ConversationHistory,
@@ -50,6 +54,26 @@ _meter = metrics.get_meter("voxcore.conversation")
 
 TurnOutcome = Literal["ok", "failed", "closed"]
 
+#: Span attributes that carry user or model text (recorded only with ``record_text``). Each span
+#: that has them lists them in :data:`REDACTABLE_ATTRIBUTE`, so a collector can drop them by name.
+TEXT_ATTRIBUTES = ("gen_ai.input.messages", "gen_ai.output.messages")
+REDACTABLE_ATTRIBUTE = "voxcore.redactable_attributes"
+
+
+def start_call_span(
+    tracer: trace.Tracer, session_hash_: str, attributes: dict[str, Any] | None = None
+) -> trace.Span:
+    """The ``voxcore.call`` span of one call: a child of the span current now (a host's), if any."""
+    return tracer.start_span(
+        "voxcore.call",
+        kind=trace.SpanKind.INTERNAL,
+        attributes={
+            "gen_ai.conversation.id": session_hash_,
+            "voxcore.session.hash": session_hash_,
+            **(attributes or {}),
+        },
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class TurnMetrics:
@@ -59,11 +83,14 @@ class TurnMetrics:
         turn: 1-based index of the turn in this conversation.
         outcome: ``ok``; ``failed`` (an error ended it); ``closed`` (the consumer stopped early or
             the task was cancelled).
-        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it
-            (``None`` when the turn did not complete, or the client does not know).
+        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it (also
+            for a turn that failed or was closed after it; ``None`` when no token came, or the client
+            does not know).
         client_ttft_ms: The same value as ``time_to_first_token_ms`` (the name it had before).
         time_to_first_text_ms: Turn start -> first speakable answer character handed to the consumer
             (the unsafe reply counts; ``None`` when none was).
+        server_deltas: Content deltas the server streamed (``None`` when the turn did not complete).
+        stream_total_ms: Request sent -> end of the stream, as the client measured it (``None`` likewise).
         response_total_ms: Turn start -> end of the stream (or of the turn, when it did not finish).
         context_ratio_before: Active context's usage ratio when the turn started.
         context_ratio_after: Active context's usage ratio when the turn ended.
@@ -91,6 +118,8 @@ class TurnMetrics:
     rolled_back: bool
     error_type: str | None = None
     time_to_first_text_ms: float | None = None
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -104,6 +133,9 @@ class _Turn:
     handovers_before: int = 0
     ttft_ms: float | None = None  # request sent -> first token (the client's measure)
     first_text_ms: float | None = None  # turn start -> first speakable character
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
+    streamed: bool = False  # the client's stream of this turn was created
     connection_reused: bool | None = None
     total_ms: float | None = None
     chunks: int = 0
@@ -152,6 +184,13 @@ class ConversationManager(AbstractConversationManager):
         clock: Monotonic seconds, for the durations in events.
         tracer: OpenTelemetry tracer (default: the ``voxcore.conversation`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.conversation`` one).
+        call_span: The call's ``voxcore.call`` span (the container starts it before the
+            handshake); by default the manager starts one, a child of the span current now.
+            Every turn and summary of the call is in its trace; :meth:`shutdown` ends it.
+        record_text: Put the user's and the model's text on turn spans (attributes listed in
+            :data:`TEXT_ATTRIBUTES`, marked droppable); off by default.
+        dialogue: Writes completed turns to the dialogue cache in the background (``None``: not kept).
+        events: Publishes the call's live events (``None``: none).
 
     Raises:
         ValueError: an empty model name or unsafe reply, or a non-positive TTL or token budget.
@@ -175,6 +214,10 @@ class ConversationManager(AbstractConversationManager):
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
+        call_span: trace.Span | None = None,
+        record_text: bool = False,
+        dialogue: DialogueRecorder | None = None,
+        events: CallEvents | None = None,
     ) -> None:
         for name, value in (("main_model", main_model), ("summary_model", summary_model)):
             if not value:
@@ -202,6 +245,13 @@ class ConversationManager(AbstractConversationManager):
         self._open_turn_index: int | None = None  # the turn whose generator is still open
         self._closed = False
         self._last_metrics: TurnMetrics | None = None
+        self._record_text = record_text
+        self._call_span = (
+            call_span if call_span is not None else start_call_span(self._tracer, self._session_hash)
+        )
+        self._call_context = trace.set_span_in_context(self._call_span)
+        self._dialogue = dialogue
+        self._events = events
         if dual_context.summarizer is None:
             dual_context.bind_summarizer(self.summarize)
 
@@ -237,6 +287,26 @@ class ConversationManager(AbstractConversationManager):
         """The 16-hex hash of the session id (what logs and spans show)."""
         return self._session_hash
 
+    @property
+    def call_span(self) -> trace.Span:
+        """The call's ``voxcore.call`` span: pass it as the parent of work done for this call
+        (e.g. ``responder.play(playlist, parent=manager.call_span)``)."""
+        return self._call_span
+
+    @property
+    def trace_id(self) -> str | None:
+        """The call's trace id (32 hex), or ``None`` when no tracing SDK is installed."""
+        context = self._call_span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+    def dialogue(self) -> DialogueRecorder | None:
+        """The writer of this call's turns to the dialogue cache, if kept."""
+        return self._dialogue
+
+    @property
+    def events(self) -> CallEvents | None:
+        """This call's live events (a host adds its own, e.g. ``audio_started``), if published."""
+        return self._events
+
     # -- turns -----------------------------------------------------------------------------------------
 
     async def process_user_turn(self, final_user_text: str) -> AsyncGenerator[LLMStreamChunk, None]:
@@ -265,10 +335,21 @@ class ConversationManager(AbstractConversationManager):
         self._turns += 1
         self._open_turn_index = self._turns
         turn = _Turn(index=self._turns, started=self._clock())
+        # The turn belongs to the call's trace; a host span current now (an HTTP request's) is linked.
+        links = self._links_to_current()
         span = self._tracer.start_span(
             "voxcore.turn",
-            attributes={"voxcore.session.hash": self._session_hash, "voxcore.turn.index": turn.index},
+            context=self._call_context,
+            links=links,
+            attributes={
+                "gen_ai.conversation.id": self._session_hash,
+                "voxcore.session.hash": self._session_hash,
+                "voxcore.turn.index": turn.index,
+            },
         )
+        if self._record_text and span.is_recording():
+            span.set_attribute("gen_ai.input.messages", final_user_text)
+            span.set_attribute(REDACTABLE_ATTRIBUTE, list(TEXT_ATTRIBUTES))
         stream: AsyncIterator[LLMStreamChunk] | None = None
         committed = False
         try:
@@ -293,6 +374,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.spoken = True
                         self._first_text(turn, span)
                         turn.chunks += 1
+                        if self._events is not None:
+                            self._events.answer_delta(self._unsafe_reply)
                         yield LLMStreamChunk(
                             text_chunk=self._unsafe_reply,
                             is_safe=False,
@@ -313,6 +396,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.spoken = True
                         if turn.first_text_ms is None and not text.isspace():
                             self._first_text(turn, span)
+                        if self._events is not None:
+                            self._events.answer_delta(text)
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -321,15 +406,16 @@ class ConversationManager(AbstractConversationManager):
             turn.total_ms = self._ms_since(turn.started)
             with self._current(span):
                 self._commit(turn)
-            committed = True
-            self._last_metrics = self._finish(turn, span)
+                committed = True
+                self._last_metrics = self._finish(turn, span)
             # The turn is over before its final chunk goes out: a consumer that stops at that chunk
             # without closing the generator neither holds the span open nor blocks the next turn.
             self._release(turn, span)
             yield LLMStreamChunk(text_chunk="", is_final_chunk=True)
         except BaseException as exc:
             if not committed:
-                self._abandon(turn, span, exc)
+                with self._current(span):
+                    self._abandon(turn, span, exc)
             raise
         finally:
             if stream is not None:
@@ -339,7 +425,8 @@ class ConversationManager(AbstractConversationManager):
     def _first_text(self, turn: _Turn, span: trace.Span) -> None:
         turn.first_text_ms = self._ms_since(turn.started)
         span.set_attribute("voxcore.turn.time_to_first_text_ms", turn.first_text_ms)
-        emit(logger, "time_to_first_text_ms", turn=turn.index, ms=turn.first_text_ms)
+        with self._current(span):
+            emit(logger, "time_to_first_text_ms", logging.DEBUG, turn=turn.index, ms=turn.first_text_ms)
 
     def record_answered_turn(self, final_user_text: str, answer_text: str, *, source: str) -> None:
         """Add a turn answered without the LLM (e.g. a FAQ recording) to the history.
@@ -364,11 +451,17 @@ class ConversationManager(AbstractConversationManager):
         self._turns += 1
         dual = self._dual
         dual.begin_turn()
-        dual.active_context.append(user_message)
+        stored_user = dual.active_context.append(user_message)
         dual.after_message()
-        dual.active_context.append(answer)
+        stored_answer = dual.active_context.append(answer)
         dual.after_message()
         emit(logger, "user_turn_answered", turn=self._turns, source=source, chars=len(answer_text))
+        if self._dialogue is not None:
+            self._record((stored_user, stored_answer), {"turn": self._turns, "source": source})
+        if self._events is not None:
+            self._events.turn_started(self._turns, user_message["content"])
+            self._events.answer_delta(answer_text)
+            self._events.turn_finished({"turn": self._turns, "outcome": "ok", "source": source})
 
     def _release(self, turn: _Turn, span: trace.Span) -> None:
         if span.is_recording():
@@ -383,9 +476,13 @@ class ConversationManager(AbstractConversationManager):
         dual = self._dual
         turn.ratio_before = dual.active_context.estimate_usage_ratio()
         turn.handovers_before = dual.handovers
-        emit(logger, "user_turn_start", turn=turn.index, ratio=turn.ratio_before)
+        emit(logger, "user_turn_start", logging.DEBUG, turn=turn.index, ratio=turn.ratio_before)
         dual.begin_turn()
         turn.user_message = dual.active_context.append(user_message)
+        if self._events is not None:
+            self._events.turn_started(turn.index, user_message["content"])
+            if dual.handovers != turn.handovers_before and dual.last_handover is not None:
+                self._events.handover(**dataclasses.asdict(dual.last_handover))
         dual.after_message()  # may start a warm-up task; never awaited here
         context = dual.active_context
         prompt = context.build_prompt()
@@ -393,9 +490,11 @@ class ConversationManager(AbstractConversationManager):
         self._usage_ratio.record(turn.prompt_ratio)
         http_client = await self._connection_manager.get_client()
         turn.previous_result = self._llm_client.last_result
-        return self._llm_client.stream_structured_generate(
+        stream = self._llm_client.stream_structured_generate(
             http_client, prompt, self._main_model, self._response_model
         )
+        turn.streamed = True
+        return stream
 
     def _commit(self, turn: _Turn) -> None:
         """Add the full reply to the context active now (a handover may have happened meanwhile)."""
@@ -403,43 +502,76 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
-        self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
+            turn.server_deltas = result.chunks
+            turn.stream_total_ms = result.total_ms
+        elif turn.streamed:  # closed early (an unsafe answer): the first token still came
+            turn.ttft_ms = self._llm_client.last_ttft_ms
+        answer = self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
         self._dual.after_message()
+        if self._dialogue is not None and turn.user_message is not None:
+            self._record(
+                (turn.user_message, answer),
+                {
+                    "turn": turn.index,
+                    "time_to_first_token_ms": turn.ttft_ms,
+                    "response_total_ms": turn.total_ms,
+                    "unsafe": turn.unsafe,
+                },
+            )
 
     def _finish(self, turn: _Turn, span: trace.Span) -> TurnMetrics:
         ratio_after = self._dual.active_context.estimate_usage_ratio()
         handover_ms = self._handover_ms(turn)
         total_ms = turn.total_ms if turn.total_ms is not None else self._ms_since(turn.started)
         turn.chunks += 1  # the final chunk, yielded right after this
-        emit(logger, "response_total_ms", turn=turn.index, ms=total_ms)
-        emit(logger, "context_usage", turn=turn.index, before=turn.ratio_before, after=ratio_after)
+        emit(logger, "response_total_ms", logging.DEBUG, turn=turn.index, ms=total_ms)
+        emit(
+            logger,
+            "context_usage",
+            logging.DEBUG,
+            turn=turn.index,
+            before=turn.ratio_before,
+            after=ratio_after,
+        )
+        # The turn's one INFO line: every figure of the turn (the per-step events above are DEBUG).
         emit(
             logger,
             "user_turn_finish",
             turn=turn.index,
+            outcome="ok",
+            session_hash=self._session_hash,
             time_to_first_token_ms=turn.ttft_ms,
             time_to_first_text_ms=turn.first_text_ms,
             client_ttft_ms=turn.ttft_ms,
             response_total_ms=total_ms,
             context_ratio_before=turn.ratio_before,
             context_ratio_after=ratio_after,
+            prompt_ratio=turn.prompt_ratio,
             handover_ms_if_any=handover_ms,
             chunks=turn.chunks,
+            answer_chars=sum(len(part) for part in turn.parts),
             connection_reused=turn.connection_reused,
             unsafe=turn.unsafe,
         )
+        if self._record_text and span.is_recording():
+            span.set_attribute("gen_ai.output.messages", "".join(turn.parts))
         span.set_attribute("voxcore.context.ratio_before", turn.ratio_before)
         span.set_attribute("voxcore.context.ratio_after", ratio_after)
         span.set_attribute("voxcore.turn.handover", handover_ms is not None)
         span.set_attribute("voxcore.turn.unsafe", turn.unsafe)
         if turn.ttft_ms is not None:
             span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
-            emit(logger, "time_to_first_token_ms", turn=turn.index, ms=turn.ttft_ms)
-        return self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+            emit(logger, "time_to_first_token_ms", logging.DEBUG, turn=turn.index, ms=turn.ttft_ms)
+        metrics = self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        if self._events is not None:
+            self._events.turn_finished(dataclasses.asdict(metrics))
+        return metrics
 
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
         """End a turn that did not complete: roll it back as documented, log and record why."""
         rolled_back = False
+        if turn.streamed and turn.ttft_ms is None:  # a stream that failed after its first token
+            turn.ttft_ms = self._llm_client.last_ttft_ms
         if turn.user_message is not None and not turn.spoken:
             rolled_back = self._dual.retract(turn.user_message)
         ratio_after = self._dual.active_context.estimate_usage_ratio()
@@ -478,6 +610,21 @@ class ConversationManager(AbstractConversationManager):
         self._last_metrics = self._metrics(
             turn, outcome, ratio_after, self._ms_since(turn.started), handover_ms, rolled_back, error_type
         )
+        if turn.user_message is not None and not rolled_back and self._dialogue is not None:
+            # The user message stays in the context (the caller heard part of an answer): keep it.
+            self._record((turn.user_message,), {"turn": turn.index, "outcome": outcome})
+        if self._events is not None:
+            if error_type is not None:
+                self._events.error(error_type, str(exc))
+            self._events.turn_finished(dataclasses.asdict(self._last_metrics))
+
+    def _record(self, messages: tuple[ConversationMessage, ...], figures: dict[str, Any]) -> None:
+        """Hand the messages the active context kept to the dialogue cache's background writer."""
+        assert self._dialogue is not None
+        context = self._dual.active_context
+        self._dialogue.record(
+            messages, history_length=context.message_count, summary=context.summary, figures=figures
+        )
 
     def _metrics(
         self,
@@ -505,6 +652,8 @@ class ConversationManager(AbstractConversationManager):
             unsafe=turn.unsafe,
             rolled_back=rolled_back,
             error_type=error_type,
+            server_deltas=turn.server_deltas,
+            stream_total_ms=turn.stream_total_ms,
         )
 
     def _handover_ms(self, turn: _Turn) -> float | None:
@@ -527,7 +676,11 @@ class ConversationManager(AbstractConversationManager):
             LLMError: the summary model failed or returned no text.
         """
         snapshot: ConversationHistory = list(history)
-        with self._tracer.start_as_current_span("voxcore.summary") as span:
+        # A background summary belongs to the call's trace, linked to the turn that set it off.
+        links = self._links_to_current()
+        with self._tracer.start_as_current_span(
+            "voxcore.summary", context=self._call_context, links=links
+        ) as span:
             request = self._dual.active_context.build_summary_prompt(snapshot)
             digest = history_digest(request)
             span.set_attribute("voxcore.summary.messages", len(snapshot))
@@ -570,9 +723,12 @@ class ConversationManager(AbstractConversationManager):
             records = decode_records(text) if text is not None else ()
             cached = find_covering(records, digest=digest, messages=messages)
             span.set_attribute("voxcore.summary_cache.hit", cached is not None)
+            if self._events is not None:
+                self._events.summary_cache(hit=cached is not None, messages=messages)
             emit(
                 logger,
                 "summary_cache_check",
+                logging.DEBUG,
                 key=self._summary_key,
                 hit=cached is not None,
                 latency_ms=self._ms_since(start),
@@ -592,6 +748,7 @@ class ConversationManager(AbstractConversationManager):
             emit(
                 logger,
                 "summary_cache_save",
+                logging.DEBUG,
                 key=self._summary_key,
                 bytes=size,
                 latency_ms=self._ms_since(start),
@@ -605,13 +762,32 @@ class ConversationManager(AbstractConversationManager):
         if self._closed:
             return
         self._closed = True
+        token = otel_context.attach(self._call_context)
         try:
             await self._dual.shutdown()
         finally:
-            await self._connection_manager.shutdown()
-            emit(logger, "manager_shutdown", turns=self._turns)
+            try:
+                try:
+                    await self._connection_manager.shutdown()
+                finally:
+                    if self._dialogue is not None:
+                        await self._dialogue.aclose()  # pending turns are written first (bounded wait)
+                    if self._events is not None:
+                        self._events.call_ended(turns=self._turns)
+                emit(logger, "manager_shutdown", turns=self._turns)
+            finally:
+                otel_context.detach(token)
+                self._call_span.set_attribute("voxcore.call.turns", self._turns)
+                self._call_span.end()
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _links_to_current(self) -> list[Link] | None:
+        """A link to the span current now, unless it is the call's own (or there is none)."""
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and current != self._call_span.get_span_context():
+            return [Link(current)]
+        return None
 
     def _current(self, span: trace.Span) -> AbstractContextManager[trace.Span]:
         # Errors are recorded by _abandon, once, with the turn's own status message.

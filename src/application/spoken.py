@@ -138,7 +138,7 @@ class SpokenConversation:
                 match_ms=match_ms,
             )
             self._conversation.record_answered_turn(final_user_text, match.entry.text, source="faq")
-            stream = self._responder.play(match.entry.reply)
+            stream = self._responder.play(match.entry.reply, parent=self._conversation.call_span)
         else:
             if match is not None:
                 emit(
@@ -149,7 +149,9 @@ class SpokenConversation:
                     closest=match.entry.id,
                     score=round(match.score, 4),
                 )
-            stream = self._responder.speak_text_stream(self._llm_text(final_user_text))
+            stream = self._responder.speak_text_stream(
+                self._llm_text(final_user_text), parent=self._conversation.call_span
+            )
         first_audio_ms: float | None = None
         chunks = 0
         outcome: SpokenOutcome = "closed"

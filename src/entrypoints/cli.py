@@ -1,6 +1,10 @@
-"""The ``voxcore`` command line: ``load-audio`` and ``probe-cache`` (more commands join later).
+"""The ``voxcore`` command line: load fragments, probe the cache and the LLM, run the offline demo.
 
-Every command prints JSON lines on stdout. Redis is found in this order: ``--redis-url``;
+Commands: ``load-audio``, ``probe-cache``, ``demo``, ``probe-llm``, ``probe-agent``, ``sandbox``
+(``voxcore COMMAND --help`` shows each one's options with their defaults; ``voxcore --version``).
+
+Every command prints JSON lines on stdout; an error is also written to stderr as one
+``voxcore: error: ...`` line, and the exit code is non-zero. Redis is found in this order: ``--redis-url``;
 ``--embedded-redis``; the configured location (config file, ``REDIS_URL``/``REDIS_HOST``...);
 a server answering on 127.0.0.1:6379; otherwise a ``redis-server`` from PATH started on a free
 loopback port for the run (announced with ``embedded_redis_started``).
@@ -12,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -48,18 +53,67 @@ def numbers_manifest() -> Path:
     return numbers_manifest_path()
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (``--help`` is the reference of the flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(action, argparse._VersionAction | argparse._HelpAction)
+        ):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every ``voxcore`` (sub)command parser: the defaults-showing help formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give options without a help text one, so ``--help`` lists them with their default."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _document_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``voxcore`` command."""
-    parser = argparse.ArgumentParser(prog="voxcore", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
+    from voxcore import __version__
+
+    lines = (__doc__ or "").splitlines()
+    parser = _Parser(prog="voxcore", description="\n".join(lines[:4]).replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"voxcore {__version__}")
+    common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file (default: defaults + environment)")
     where = common.add_mutually_exclusive_group()
     where.add_argument("--redis-url", help="use this Redis (overrides the configuration)")
     where.add_argument(
         "--embedded-redis", action="store_true", help="always start a private redis-server for this run"
     )
-    common.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="JSON log lines on stdout from this level (default: the command's, usually INFO)",
+    )
+    common.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="export traces and metrics over OTLP for this run (telemetry.enabled; the OTEL_* "
+        "variables apply, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     load = sub.add_parser(
         "load-audio",
@@ -97,7 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--report-dir", type=llm_cli.absolute_path, default=llm_cli.absolute_path("reports"))
     demo.set_defaults(handler=_demo)
 
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="live events over SSE and the call dashboard (uvicorn; needs the web extra)",
+        description="Serve GET /calls/{session_id}/events (SSE with exact resume), GET /index/events and "
+        "the dashboard at /dashboard until Ctrl-C. Prints serve_ready with the dashboard URL "
+        "(operator token).",
+    )
+    serve.add_argument("--host", default=None, help="address to bind (default: events.host, 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="port (default: events.port, 8765; 0: a free one)"
+    )
+    serve.add_argument(
+        "--embedded-redis-dir",
+        type=llm_cli.absolute_path,
+        default=None,
+        help="when a private redis-server is started, keep its data here (e.g. reports/.demo-redis)",
+    )
+    serve.set_defaults(handler=_serve)
+
     llm_cli.register(sub, common)
+    _document_defaults(parser)
     return parser
 
 
@@ -105,10 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``voxcore`` console script."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    if getattr(args, "telemetry", False):
+        os.environ["VOXCORE_TELEMETRY__ENABLED"] = "true"  # this process only: read by load_settings
     try:
         return asyncio.run(handler(args))
     except ConfigurationError as exc:
-        _print_json({"event": "error", "error": str(exc)})
+        _print_json({"event": "error", "error": str(exc)})  # and on stderr
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -120,6 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+    if payload.get("event") == "error" and "error" in payload:
+        _print_error(str(payload["error"]))
+
+
+def _print_error(message: str) -> None:
+    """The human-readable copy of an error, on stderr (stdout stays JSON lines)."""
+    sys.stderr.write(f"voxcore: error: {message}\n")
+    sys.stderr.flush()
 
 
 @asynccontextmanager
@@ -281,15 +366,42 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         probed = await _probe(runtime.container, probe_args)
         talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
+        if talked:  # a provider error: one JSON `error` line was printed; the call would only repeat it
+            return talked
         source = args.fragments or demo_manifest()
         specs = (read_manifest(source) if source.is_file() else []) + read_manifest(numbers_manifest())
-        call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+        with llm_cli.llm_errors_exit() as code:
+            call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+        if code[0]:
+            return code[0]
     files = sorted(
         str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started
     )  # fmt: skip
     _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files})
     sys.stderr.write("demo output:\n" + "".join(f"  {f}\n" for f in files))
     return loaded or probed or talked
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    """Run the live events server until SIGINT/SIGTERM."""
+    try:
+        from voxcore.entrypoints.serve import serve
+    except ImportError as exc:  # the web extra is not installed
+        raise ConfigurationError(
+            f"voxcore serve needs the web extra (pip install 'voxcore[web]'): {exc}"
+        ) from exc
+    async with open_runtime(
+        config=args.config,
+        log_level=args.log_level or "INFO",
+        redis_url=args.redis_url,
+        embedded_redis=args.embedded_redis or args.embedded_redis_dir is not None,
+        embedded_data_dir=args.embedded_redis_dir,
+    ) as runtime:
+        events = runtime.settings.events
+        host = args.host or events.host
+        port = events.port if args.port is None else args.port
+        await serve(runtime, host=host, port=port)
+    return EXIT_OK
 
 
 async def _bench_stream_read(cache: Any, key: str) -> dict[str, float] | None:

@@ -3,7 +3,7 @@
 Usage (see the README)::
 
     container = Container(config_path="/srv/app/voxcore.yml")
-    await container.init_resources()      # configures JSON logging, connects the cache
+    await container.init_resources()      # connects the cache (logging stays the host's)
     cache = container.cache()             # one RedisCacheManager per container (process)
     manager = await container.open_conversation("call-42")  # one per phone call, connection warm
     async for chunk in manager.process_user_turn("Здравствуйте!"):
@@ -15,53 +15,116 @@ Usage (see the README)::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dependency_injector import containers, providers
+from opentelemetry import trace
 
-from voxcore.adapters.audio.convert import SoxrAudioConverter
-from voxcore.adapters.espeak.tts import EspeakTTSEngine
-from voxcore.adapters.openai.client import OpenAILLMClient
-from voxcore.adapters.openai.config import OpenAIConfig
-from voxcore.adapters.openai.connection import OpenAIConnectionManager
-from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
-from voxcore.adapters.openai.shared import SharedConnections
-from voxcore.adapters.openai.tokenizer import make_tokenizer
-from voxcore.adapters.openai.tts import OpenAITTSEngine
-from voxcore.adapters.redis.cache import RedisCacheManager
-from voxcore.adapters.redis.config import RedisConfig
-from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
-from voxcore.adapters.redis.rate_limit import RedisRateLimiter
-from voxcore.application.calls import CallRegistry
-from voxcore.application.context import LLMContext
-from voxcore.application.dual_context import DualContextController
-from voxcore.application.embedding_cache import EmbeddingCache
-from voxcore.application.faq import FaqMatcher
-from voxcore.application.hybrid import HybridResponder
-from voxcore.application.manager import ConversationManager
-from voxcore.application.spoken import SpokenConversation
-from voxcore.application.voice import VoiceService
-from voxcore.core.domain.audio import AudioFormat
-from voxcore.core.domain.dual_context import DualContextPolicy
-from voxcore.core.domain.resilience import CircuitBreaker
-from voxcore.core.domain.voice import AgentVoiceSettings
+from voxcore.core.domain.keys import session_hash
+from voxcore.core.domain.live_events import operator_token, session_token
 from voxcore.core.ports.errors import ConfigurationError
-from voxcore.core.ports.llm import LLMConnectionManager
-from voxcore.core.ports.tokenizer import Tokenizer
-from voxcore.core.ports.tts import TTSEngine
-from voxcore.entrypoints.faq import read_faq_manifest
-from voxcore.entrypoints.logging import configure_logging
+from voxcore.entrypoints.lazy import lazy as _lazy
+from voxcore.entrypoints.logging import configure_logging, remove_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
-from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+from voxcore.events import emit
+
+log = logging.getLogger("voxcore.container")
+
+# Adapters and use cases: imported for type checkers only; at run time each name is a _lazy stand-in
+# that imports its module on first call. A new one goes in both lists (tests/unit/test_public_api.py
+# fails when importing the container loads numpy, soxr, redis, httpx or tiktoken).
+if TYPE_CHECKING:
+    from voxcore.adapters.audio.convert import SoxrAudioConverter
+    from voxcore.adapters.espeak.tts import EspeakTTSEngine
+    from voxcore.adapters.openai.client import OpenAILLMClient
+    from voxcore.adapters.openai.config import OpenAIConfig
+    from voxcore.adapters.openai.connection import OpenAIConnectionManager
+    from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
+    from voxcore.adapters.openai.shared import SharedConnections
+    from voxcore.adapters.openai.tokenizer import make_tokenizer
+    from voxcore.adapters.openai.tts import OpenAITTSEngine
+    from voxcore.adapters.redis.cache import RedisCacheManager
+    from voxcore.adapters.redis.config import RedisConfig
+    from voxcore.adapters.redis.dialogue import RedisDialogueStore
+    from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
+    from voxcore.adapters.redis.lease import RedisKeyLeases
+    from voxcore.adapters.redis.live_events import RedisEventHub, RedisEventStreams, RedisLiveEventPublisher
+    from voxcore.adapters.redis.rate_limit import RedisRateLimiter
+    from voxcore.application.calls import CallRegistry
+    from voxcore.application.context import LLMContext
+    from voxcore.application.dialogue import DialogueRecorder, restore_dialogue
+    from voxcore.application.dual_context import DualContextController
+    from voxcore.application.embedding_cache import EmbeddingCache
+    from voxcore.application.faq import FaqMatcher
+    from voxcore.application.hybrid import HybridResponder
+    from voxcore.application.live_events import CallEvents
+    from voxcore.application.manager import ConversationManager, start_call_span
+    from voxcore.application.shared_synthesis import SharedSynthesis
+    from voxcore.application.spoken import SpokenConversation
+    from voxcore.application.voice import VoiceService
+    from voxcore.core.domain.audio import AudioFormat
+    from voxcore.core.domain.dual_context import DualContextPolicy
+    from voxcore.core.domain.resilience import CircuitBreaker
+    from voxcore.core.domain.voice import AgentVoiceSettings
+    from voxcore.core.ports.llm import LLMConnectionManager
+    from voxcore.core.ports.tokenizer import Tokenizer
+    from voxcore.core.ports.tts import TTSEngine
+    from voxcore.entrypoints.faq import read_faq_manifest
+    from voxcore.entrypoints.prompts import load_prompts
+else:
+    # The voice stack (numpy, soxr), Redis and HTTP clients load when a provider first builds
+    # them: importing the container stays cheap for a host (see _lazy).
+    read_faq_manifest = _lazy("voxcore.entrypoints.faq", "read_faq_manifest")
+    load_prompts = _lazy("voxcore.entrypoints.prompts", "load_prompts")
+    SoxrAudioConverter = _lazy("voxcore.adapters.audio.convert", "SoxrAudioConverter")
+    EspeakTTSEngine = _lazy("voxcore.adapters.espeak.tts", "EspeakTTSEngine")
+    OpenAILLMClient = _lazy("voxcore.adapters.openai.client", "OpenAILLMClient")
+    OpenAIConfig = _lazy("voxcore.adapters.openai.config", "OpenAIConfig")
+    OpenAIConnectionManager = _lazy("voxcore.adapters.openai.connection", "OpenAIConnectionManager")
+    OpenAIEmbeddings = _lazy("voxcore.adapters.openai.embeddings", "OpenAIEmbeddings")
+    SharedConnections = _lazy("voxcore.adapters.openai.shared", "SharedConnections")
+    make_tokenizer = _lazy("voxcore.adapters.openai.tokenizer", "make_tokenizer")
+    OpenAITTSEngine = _lazy("voxcore.adapters.openai.tts", "OpenAITTSEngine")
+    RedisCacheManager = _lazy("voxcore.adapters.redis.cache", "RedisCacheManager")
+    RedisConfig = _lazy("voxcore.adapters.redis.config", "RedisConfig")
+    RedisEmbeddingStore = _lazy("voxcore.adapters.redis.embedding_store", "RedisEmbeddingStore")
+    RedisKeyLeases = _lazy("voxcore.adapters.redis.lease", "RedisKeyLeases")
+    RedisRateLimiter = _lazy("voxcore.adapters.redis.rate_limit", "RedisRateLimiter")
+    CallRegistry = _lazy("voxcore.application.calls", "CallRegistry")
+    RedisDialogueStore = _lazy("voxcore.adapters.redis.dialogue", "RedisDialogueStore")
+    RedisEventHub = _lazy("voxcore.adapters.redis.live_events", "RedisEventHub")
+    RedisEventStreams = _lazy("voxcore.adapters.redis.live_events", "RedisEventStreams")
+    RedisLiveEventPublisher = _lazy("voxcore.adapters.redis.live_events", "RedisLiveEventPublisher")
+    DialogueRecorder = _lazy("voxcore.application.dialogue", "DialogueRecorder")
+    restore_dialogue = _lazy("voxcore.application.dialogue", "restore_dialogue")
+    CallEvents = _lazy("voxcore.application.live_events", "CallEvents")
+    LLMContext = _lazy("voxcore.application.context", "LLMContext")
+    DualContextController = _lazy("voxcore.application.dual_context", "DualContextController")
+    EmbeddingCache = _lazy("voxcore.application.embedding_cache", "EmbeddingCache")
+    FaqMatcher = _lazy("voxcore.application.faq", "FaqMatcher")
+    HybridResponder = _lazy("voxcore.application.hybrid", "HybridResponder")
+    ConversationManager = _lazy("voxcore.application.manager", "ConversationManager")
+    start_call_span = _lazy("voxcore.application.manager", "start_call_span")
+    SharedSynthesis = _lazy("voxcore.application.shared_synthesis", "SharedSynthesis")
+    SpokenConversation = _lazy("voxcore.application.spoken", "SpokenConversation")
+    VoiceService = _lazy("voxcore.application.voice", "VoiceService")
+    AudioFormat = _lazy("voxcore.core.domain.audio", "AudioFormat")
+    DualContextPolicy = _lazy("voxcore.core.domain.dual_context", "DualContextPolicy")
+    CircuitBreaker = _lazy("voxcore.core.domain.resilience", "CircuitBreaker")
+    AgentVoiceSettings = _lazy("voxcore.core.domain.voice", "AgentVoiceSettings")
+
+_tracer = trace.get_tracer("voxcore.conversation")
 
 
 def redis_config_from(settings: Settings) -> RedisConfig:
@@ -79,6 +142,11 @@ def redis_config_from(settings: Settings) -> RedisConfig:
         pool_timeout=r.pool_timeout,
         retries=r.retries,
         health_check_interval=r.health_check_interval,
+        mode=r.mode,
+        nodes=tuple(r.nodes),
+        sentinels=tuple(r.sentinels),
+        sentinel_service=r.sentinel_service,
+        sentinel_password=r.sentinel_password.get_secret_value() if r.sentinel_password else None,
     )
 
 
@@ -158,22 +226,175 @@ async def closing_shared_connections(shared: SharedConnections) -> AsyncIterator
 
 async def open_conversation(
     session_id: str,
+    resume: bool = False,
     *,
     connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
+    context_factory: Callable[..., LLMContext] | None = None,
+    dual_factory: Callable[..., DualContextController] | None = None,
+    settings: Settings | None = None,
+    dialogue_store: Any = None,
+    publisher: Any = None,
 ) -> ConversationManager:
     """Build one call's conversation with its connection already open and warm.
 
     The handshake happens here, before the first turn, so the first turn is as fast as the rest.
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
+
+    With ``resume=True`` the active context (summary + recent turns) is restored from the dialogue
+    cache, exactly as stored; a corrupt, foreign-version or unreadable record is refused with one
+    log line and the call starts fresh. Without it (or when nothing is stored) the conversation
+    starts empty and its first write replaces whatever the cache held for ``session_id``.
+
+    The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
+    and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
-    connection = connection_factory()
+    store = await _resolved(dialogue_store) if settings is not None else None
+    events_publisher = await _resolved(publisher) if settings is not None else None
+    restored = await restore_dialogue(store, session_id) if resume and store is not None else None
+    call_span = start_call_span(_tracer, session_hash(session_id))
+    connection: LLMConnectionManager[Any] | None = None
     try:
-        await connection.start()
-        return manager_factory(session_id=session_id, connection_manager=connection)
-    except BaseException:  # a failed or cancelled open leaves no connection or warm-up loop behind
+        with trace.use_span(call_span, end_on_exit=False):  # the warm-up task inherits this context
+            connection = connection_factory()
+            await connection.start()
+    except BaseException as exc:
+        call_span.record_exception(exc)
+        call_span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        call_span.end()
+        if connection is not None:  # a failed or cancelled open leaves no connection or warm-up loop
+            await asyncio.shield(connection.shutdown())
+        raise
+    try:
+        extra: dict[str, Any] = {}
+        if restored is not None:
+            assert context_factory is not None and dual_factory is not None
+            active = context_factory(history=restored.history, summary=restored.summary)
+            extra["dual_context"] = dual_factory(active=active)
+        if store is not None and settings is not None:
+            d = settings.dialogue
+            extra["dialogue"] = DialogueRecorder(
+                store=store,
+                session_id=session_id,
+                first_seq=restored.last_seq + 1 if restored is not None else 1,
+                replace=restored is None,
+                max_pending=d.max_messages,
+                drain_timeout_s=d.drain_timeout_s,
+            )
+        events = None
+        if events_publisher is not None and settings is not None:
+            events = CallEvents(
+                publisher=events_publisher, session_id=session_id, coalesce_ms=settings.events.coalesce_ms
+            )
+            extra["events"] = events
+        manager = manager_factory(
+            session_id=session_id, connection_manager=connection, call_span=call_span, **extra
+        )
+    except BaseException:
+        call_span.end()
         await asyncio.shield(connection.shutdown())
         raise
+    if events is not None and settings is not None:
+        events.call_started(
+            resumed=restored is not None,
+            restored_messages=len(restored.history) if restored is not None else 0,
+            model=settings.llm.models.main,
+        )
+    return manager
+
+
+async def _resolved(value: Any) -> Any:
+    """An async ``Resource`` injected into a ``Coroutine`` provider arrives as an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def events_secret_from(settings: Settings) -> str:
+    """``events.secret``, or a random one for this process (logged: tokens then work in this process only)."""
+    if settings.events.secret is not None and settings.events.secret.get_secret_value():
+        return settings.events.secret.get_secret_value()
+    emit(
+        log,
+        "events_secret_generated",
+        logging.WARNING,
+        reason="events.secret is not set (VOXCORE_EVENTS__SECRET): a random secret for this process; "
+        "tokens made by other processes will not open its events",
+    )
+    return secrets.token_hex(32)
+
+
+def event_streams_from(settings: Settings, client: Any, blocking_client: Any = None) -> RedisEventStreams:
+    """The Redis commands of the live events, with the settings' caps and TTL."""
+    e = settings.events
+    return RedisEventStreams(
+        client,
+        blocking_client,
+        key_prefix=settings.cache.key_prefix,
+        maxlen=e.stream_maxlen,
+        ttl_seconds=e.stream_ttl_seconds,
+        index_maxlen=e.index_maxlen,
+    )
+
+
+@asynccontextmanager
+async def dialogue_store(settings: Settings, client: Any) -> AsyncIterator[RedisDialogueStore | None]:
+    """The dialogue cache when ``dialogue.enabled``, else ``None``."""
+    d = settings.dialogue
+    if not d.enabled:
+        yield None
+        return
+    yield RedisDialogueStore(
+        client, ttl_seconds=d.ttl_seconds, max_messages=d.max_messages, key_prefix=settings.cache.key_prefix
+    )
+
+
+@asynccontextmanager
+async def event_publisher(settings: Settings, client: Any) -> AsyncIterator[RedisLiveEventPublisher | None]:
+    """The live events publisher when ``events.enabled`` (drained at shutdown), else ``None``."""
+    e = settings.events
+    if not e.enabled:
+        yield None
+        return
+    publisher = RedisLiveEventPublisher(
+        event_streams_from(settings, client),
+        queue_size=e.queue_size,
+        batch_size=e.batch_size,
+        drain_timeout_s=e.drain_timeout_s,
+    )
+    try:
+        yield publisher
+    finally:
+        await publisher.aclose()
+
+
+def blocking_redis_config(settings: Settings, config: RedisConfig) -> RedisConfig:
+    """The pub/sub pool's config: a socket timeout longer than one blocking read (redis-py issue 2807),
+    no transparent retry (a dropped connection must be seen, so subscribers replay what it missed)."""
+    block = settings.events.read_block_s
+    return dataclasses.replace(
+        config,
+        socket_timeout=block + max(config.socket_timeout, 1.0) + 2.0,
+        max_connections=2,
+        retries=0,
+        client_name="voxcore-events",
+    )
+
+
+@asynccontextmanager
+async def event_hub(settings: Settings, config: RedisConfig, client: Any) -> AsyncIterator[RedisEventHub]:
+    """The process's reader of live events (connects at its first subscriber); closed at shutdown."""
+    blocking = blocking_redis_config(settings, config).build()
+    e = settings.events
+    hub = RedisEventHub(
+        event_streams_from(settings, client, blocking),
+        read_block_s=e.read_block_s,
+        reconnect_grace_s=e.reconnect_grace_s,
+        retry_ms=e.retry_ms,
+    )
+    try:
+        yield hub
+    finally:
+        await hub.aclose()
+        await blocking.aclose()
 
 
 def agent_voice(agent: AgentVoice) -> AgentVoiceSettings:
@@ -246,6 +467,7 @@ async def voice_service(
         default_agent=agent_voice(v.default_agent) if v.default_agent else None,
         rate_limiter=limiter,
         cache=cache,
+        shared_synthesis=shared_synthesis(settings, cache, client),
     )
     await service.start()
     try:
@@ -253,6 +475,20 @@ async def voice_service(
     finally:
         await service.aclose()
         await limiter.aclose()
+
+
+def shared_synthesis(settings: Settings, cache: RedisCacheManager, client: Any) -> SharedSynthesis | None:
+    """Cross-worker single flight of TTS misses (``voice.synthesis_lease``), or ``None``."""
+    lease = settings.voice.synthesis_lease
+    if not lease.enabled:
+        return None
+    return SharedSynthesis(
+        cache=cache,
+        leases=RedisKeyLeases(client, key_prefix=settings.cache.key_prefix),
+        lease_ttl_s=lease.ttl_s,
+        wait_timeout_s=lease.wait_s,
+        poll_interval_s=lease.poll_ms / 1000,
+    )
 
 
 def manifest_transcripts(path: Path) -> Mapping[str, str]:
@@ -279,7 +515,12 @@ def _parsed_transcripts(path: str, _mtime_ns: int, _size: int) -> Mapping[str, s
 
 
 async def open_hybrid_responder(
-    *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
+    *,
+    settings: Settings,
+    cache: RedisCacheManager,
+    engines: Any,
+    converter: SoxrAudioConverter,
+    redis: Any = None,
 ) -> HybridResponder:
     """A responder speaking with ``voice.hybrid.agent``'s voice (or the default agent's).
 
@@ -305,6 +546,7 @@ async def open_hybrid_responder(
             path = Path(settings.base_dir) / path
         transcripts.update(manifest_transcripts(path))
     voice = agent_voice(agent)
+    client = await redis if inspect.isawaitable(redis) else redis
     return HybridResponder(
         cache=cache,
         tts=tts,
@@ -319,6 +561,7 @@ async def open_hybrid_responder(
         speculative_first_tts=v.hybrid.speculative_first_tts,
         join_pause_ms=v.hybrid.join_pause_ms,
         silence_threshold=v.hybrid.silence_threshold,
+        shared_synthesis=shared_synthesis(settings, cache, client) if client is not None else None,
     )
 
 
@@ -394,6 +637,7 @@ async def open_spoken_conversation(
     engines: Callable[[], Any],
     converter: SoxrAudioConverter,
     faq: Callable[[], Any],
+    opener: Callable[..., Awaitable[ConversationManager]] | None = None,
 ) -> SpokenConversation:
     """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
 
@@ -404,9 +648,12 @@ async def open_spoken_conversation(
     """
     matcher = await _resolved(faq())
     engine_map = await _resolved(engines())
-    manager = await open_conversation(
-        session_id, connection_factory=connection_factory, manager_factory=manager_factory
-    )
+    if opener is not None:  # the container's open_conversation: dialogue cache and live events included
+        manager = await opener(session_id)
+    else:
+        manager = await open_conversation(
+            session_id, connection_factory=connection_factory, manager_factory=manager_factory
+        )
     try:
         responder = await open_hybrid_responder(
             settings=settings, cache=cache, engines=engine_map, converter=converter
@@ -415,10 +662,6 @@ async def open_spoken_conversation(
         await asyncio.shield(manager.shutdown())
         raise
     return SpokenConversation(conversation=manager, responder=responder, faq=matcher)
-
-
-async def _resolved(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def preload_llm(
@@ -439,7 +682,15 @@ async def telemetry_setup(settings: Settings) -> AsyncIterator[Telemetry | None]
     if not t.enabled:
         yield None
         return
-    telemetry = setup_telemetry(t.service_name, t.otlp_endpoint)
+    telemetry = setup_telemetry(
+        t.service_name,
+        t.otlp_endpoint,
+        export_interval_ms=t.metric_export_interval_ms,
+        protocol=t.protocol,
+        traces_exporter=t.traces_exporter,
+        metrics_exporter=t.metrics_exporter,
+        shutdown_timeout_s=t.shutdown_timeout_s,
+    )
     try:
         yield telemetry
     finally:
@@ -458,7 +709,10 @@ async def connected_cache(cache: RedisCacheManager) -> AsyncIterator[RedisCacheM
 
 @asynccontextmanager
 async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | None]:
-    """Install voxcore's JSON log handler unless ``logging.configure`` is false; remove it at shutdown."""
+    """Install voxcore's JSON log handler when ``logging.configure`` is true; undo it at shutdown.
+
+    By default (``false``) the host's logging set-up gets the records, untouched.
+    """
     if not settings.logging.configure:
         yield None
         return
@@ -466,7 +720,7 @@ async def json_logging(settings: Settings) -> AsyncIterator[logging.Handler | No
     try:
         yield handler
     finally:
-        logging.getLogger("voxcore").removeHandler(handler)
+        remove_logging(handler)
 
 
 @asynccontextmanager
@@ -511,6 +765,12 @@ class Container(containers.DeclarativeContainer):
         open_spoken_conversation: ``await container.open_spoken_conversation(session_id)`` -> a
             ``SpokenConversation``: ``respond(text)`` yields audio, from a FAQ recording (``faq_hit``)
             or the LLM's answer; ``await conversation.shutdown()`` closes it.
+        dialogue_store: The dialogue cache (``RedisDialogueStore``; ``None`` when disabled);
+            ``open_conversation(session_id, resume=True)`` restores a call from it.
+        event_publisher: The live events publisher (``None`` when disabled); drained at shutdown.
+        event_hub: The process's one pub/sub reader of live events (what ``voxcore serve`` reads).
+        event_token: ``container.event_token(session_id)`` -> the token that opens that call's events.
+        operator_token: ``container.operator_token()`` -> the token that opens every call's events.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -563,18 +823,33 @@ class Container(containers.DeclarativeContainer):
         summary_ttl_seconds=settings.provided.summary.ttl_seconds,
         summary_max_tokens=settings.provided.summary.max_output_tokens,
         unsafe_reply=settings.provided.llm.unsafe_reply,
+        record_text=settings.provided.telemetry.record_text,
     )
+
+    # Dialogue cache and live events
+    redis_client = providers.Resource(redis_client, redis_config)
+    dialogue_store = providers.Resource(dialogue_store, settings, redis_client)
+    event_publisher = providers.Resource(event_publisher, settings, redis_client)
+    event_hub = providers.Resource(event_hub, settings, redis_config, redis_client)
+    events_secret = providers.Singleton(events_secret_from, settings)
+    event_token = providers.Callable(session_token, events_secret)
+    operator_token = providers.Callable(operator_token, events_secret)
+
     open_conversation = providers.Coroutine(
         open_conversation,
         connection_factory=connection_manager.provider,
         manager_factory=conversation_manager.provider,
+        context_factory=llm_context.provider,
+        dual_factory=dual_context.provider,
+        settings=settings,
+        dialogue_store=dialogue_store,
+        publisher=event_publisher,
     )
     calls = providers.Resource(call_registry, open_conversation.provider)
 
     # Speech
     audio_converter = providers.Singleton(SoxrAudioConverter)
     tts_engines = providers.Resource(tts_engines, settings)
-    redis_client = providers.Resource(redis_client, redis_config)
     voice_service = providers.Resource(voice_service, settings, tts_engines, cache, redis_client)
     open_hybrid_responder = providers.Coroutine(
         open_hybrid_responder,
@@ -582,6 +857,7 @@ class Container(containers.DeclarativeContainer):
         cache=cache,
         engines=tts_engines,
         converter=audio_converter,
+        redis=redis_client,
     )
 
     # Embeddings and the FAQ matcher
@@ -596,4 +872,5 @@ class Container(containers.DeclarativeContainer):
         engines=tts_engines.provider,
         converter=audio_converter,
         faq=faq_matcher.provider,
+        opener=open_conversation.provider,
     )

@@ -33,3 +33,4 @@ def read_manifest(path: Path) -> list[FragmentSpec]:
 def numbers_manifest_path() -> Path:
     """The shipped number fragment pack's manifest (``assets/manifest_numbers.yml``)."""
     return Path(str(resources.files("voxcore.entrypoints") / "assets" / "manifest_numbers.yml"))
+

@@ -25,12 +25,14 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from voxcore.core.ports.errors import ConfigurationError
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# defer_build: the validators are built on first use, not at import (a host imports the container early)
+_STRICT = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 _REDIS_ENV = {
     "REDIS_URL": "url",
     "REDIS_HOST": "host",
@@ -58,11 +60,42 @@ class RedisSettings(BaseModel):
     pool_timeout: PositiveFloat = 1.0
     retries: int = Field(default=1, ge=0, le=10)
     health_check_interval: int = Field(default=30, ge=0)
+    # Deployment: one server, a Redis Cluster (startup `nodes`), or a Sentinel-managed primary.
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    nodes: list[str] = Field(default_factory=list)  # cluster startup nodes, "host:port"
+    sentinels: list[str] = Field(default_factory=list)  # "host:port" of the Sentinels
+    sentinel_service: str = Field(default="mymaster", min_length=1)
+    sentinel_password: SecretStr | None = None  # of the Sentinels themselves
+
+    @field_validator("nodes", "sentinels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``"h1:7000,h2:7000"`` (how an environment variable carries a list) -> a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("nodes", "sentinels")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port', got {address!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("mode sentinel needs `sentinels` (a list of host:port)")
+        if self.mode == "cluster" and self.db != 0:
+            raise ValueError("Redis Cluster has only database 0: `db` must be 0 in cluster mode")
+        return self
 
     @property
     def explicitly_located(self) -> bool:
         """True when a source set where Redis is (so tools must not pick a server themselves)."""
-        return bool(self.model_fields_set & {"url", "host", "port"})
+        return bool(self.model_fields_set & {"url", "host", "port", "nodes", "sentinels"})
 
 
 class CacheSettings(BaseModel):
@@ -222,6 +255,17 @@ class EspeakSettings(BaseModel):
     max_chars: PositiveInt = 1000
 
 
+class SynthesisLeaseSettings(BaseModel):
+    """Cross-worker single flight of TTS: a short Redis lease per ``tts:*`` key (docs/scale-out.md)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_s: PositiveFloat = 15.0  # longer than a synthesis + its cache write; a dead holder frees it then
+    wait_s: float = Field(default=5.0, ge=0.0)  # longest wait for another worker's audio
+    poll_ms: PositiveFloat = 50.0  # how often a waiting worker looks at the cache
+
+
 class HybridSettings(BaseModel):
     """Hybrid replies (recorded fragments + TTS): whose voice, and the fragments' transcripts."""
 
@@ -255,6 +299,7 @@ class VoiceSettings(BaseModel):
     openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
     espeak: EspeakSettings = Field(default_factory=EspeakSettings)
     hybrid: HybridSettings = Field(default_factory=HybridSettings)
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class EmbeddingCacheSettings(BaseModel):
@@ -299,22 +344,69 @@ class FaqSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    """Opt-in OpenTelemetry export (needs the ``otel`` extra)."""
+    """voxcore's own OpenTelemetry SDK set-up (needs the ``otel`` extra); never over a host's providers.
+
+    The standard ``OTEL_*`` variables win over these keys (the deployment's environment overrides
+    the file, as everywhere in voxcore's settings): ``OTEL_SERVICE_NAME``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_TRACES_EXPORTER``,
+    ``OTEL_METRICS_EXPORTER``, ``OTEL_METRIC_EXPORT_INTERVAL``.
+    """
 
     model_config = _STRICT
 
     enabled: bool = False
     service_name: str = "voxcore"
-    otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT, then http://127.0.0.1:4318
+    otlp_endpoint: str | None = None  # default: http://127.0.0.1:4318 (http/protobuf) or :4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    traces_exporter: Literal["otlp", "none"] = "otlp"
+    metrics_exporter: Literal["otlp", "none"] = "otlp"  # none: e.g. Jaeger v1, which takes traces only
+    metric_export_interval_ms: PositiveInt = 5000
+    shutdown_timeout_s: PositiveFloat = 1.0  # longest a stop waits for an unreachable collector
+    record_text: bool = False  # put user/model text on turn spans (marked droppable; see docs/telemetry.md)
 
 
 class LoggingSettings(BaseModel):
-    """JSON logging installed by the container (``configure: false`` leaves the host's set-up alone)."""
+    """voxcore's JSON log lines: off by default (the host's logging gets the records); the CLI sets them."""
 
     model_config = _STRICT
 
-    configure: bool = True
+    configure: bool = False  # true: the container adds a stderr JSON handler to the `voxcore` logger
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class DialogueSettings(BaseModel):
+    """The dialogue cache: every call's completed turns kept in Redis so a call can resume elsewhere."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_seconds: PositiveInt = 30 * 24 * 3600  # refreshed by every write
+    max_messages: PositiveInt = 500  # newest messages kept per session (LTRIM)
+    drain_timeout_s: float = Field(default=2.0, ge=0.0)  # how long a call's end waits for pending writes
+
+
+class EventsSettings(BaseModel):
+    """Live call events (Redis Streams + pub/sub) and the SSE server / dashboard (``voxcore serve``)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    secret: SecretStr | None = None  # HMAC key of access tokens; VOXCORE_EVENTS__SECRET
+    stream_maxlen: PositiveInt = 10_000  # per session, approximate (MAXLEN ~)
+    stream_ttl_seconds: PositiveInt = 24 * 3600  # a session's stream outlives its last event by this
+    index_maxlen: PositiveInt = 10_000  # the index of calls started/ended
+    queue_size: PositiveInt = 10_000  # events held in process while Redis is slow or down
+    batch_size: PositiveInt = 256  # events per pipelined write
+    drain_timeout_s: float = Field(default=2.0, ge=0.0)
+    coalesce_ms: float = Field(default=50.0, ge=0.0)  # answer text deltas merged per event
+    heartbeat_s: float = Field(default=15.0, gt=0.0, le=15.0)
+    client_queue_size: PositiveInt = 1000  # live events buffered per SSE client before it is cut
+    send_timeout_s: PositiveFloat = 10.0  # a client that accepts no byte for this long is cut
+    retry_ms: PositiveInt = 1000  # the SSE retry: hint
+    read_block_s: PositiveFloat = 5.0  # one pub/sub read waits at most this (its pool's timeout is longer)
+    reconnect_grace_s: PositiveFloat = 1.0
+    host: str = "127.0.0.1"  # voxcore serve
+    port: int = Field(default=8765, ge=1, le=65535)
 
 
 class Settings(BaseModel):
@@ -332,6 +424,8 @@ class Settings(BaseModel):
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     faq: FaqSettings = Field(default_factory=FaqSettings)
+    dialogue: DialogueSettings = Field(default_factory=DialogueSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
     #: The folder relative paths in the settings resolve against (the config file's folder).
     base_dir: str | None = None
 

@@ -38,7 +38,7 @@ def make_container(sim: OpenAISimulator, redis_target: RedisTarget, key_prefix: 
         env={
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": KEY,
-            "REDIS_URL": redis_target.url,
+            **redis_target.env(),
             "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
             "VOXCORE_LOGGING__CONFIGURE": "false",
             **env,
@@ -131,6 +131,7 @@ async def test_provider_errors_end_the_turn_cleanly(
         await manager.shutdown()
 
 
+@pytest.mark.all_redis_modes
 async def test_handover_under_load_loses_nothing(
     simulator: OpenAISimulator, redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
@@ -170,6 +171,7 @@ async def test_handover_under_load_loses_nothing(
         await c.shutdown_resources()
 
 
+@pytest.mark.all_redis_modes
 async def test_summary_cache_miss_then_hit_and_never_for_other_history(
     container: Container, simulator: OpenAISimulator, raw_redis: redis.Redis, key_prefix: str
 ) -> None:
@@ -240,9 +242,13 @@ def test_a_real_turn_exports_its_span_tree_over_otlp(redis_target: RedisTarget, 
         )
         spans = {s.span_id: s for s in receiver.spans}
         assert {s.service_name for s in receiver.spans} == {"voxcore-otlp-test"}
-        assert receiver.by_name("llm.handshake")
+        (call,) = receiver.by_name("voxcore.call")  # one call, one trace
+        assert call.parent_span_id == "" and call.attributes["gen_ai.conversation.id"]
+        assert {s.trace_id for s in receiver.spans} == {call.trace_id}
+        (handshake,) = receiver.by_name("llm.handshake")
+        assert handshake.parent_span_id == call.span_id
         turns = receiver.by_name("voxcore.turn")
-        assert all(t.parent_span_id == "" for t in turns)  # one root span per turn
+        assert all(t.parent_span_id == call.span_id for t in turns)
         chats = [s for s in receiver.spans if s.name == "chat gpt-4o-mini"]
         turn_chats = [
             c for c in chats if spans.get(c.parent_span_id) and spans[c.parent_span_id].name == "voxcore.turn"
@@ -260,7 +266,9 @@ def test_a_real_turn_exports_its_span_tree_over_otlp(redis_target: RedisTarget, 
             and chat.attributes["gen_ai.usage.output_tokens"] > 0
         )
         summary = receiver.by_name("voxcore.summary")[0]
-        assert spans[summary.parent_span_id].name == "voxcore.turn"  # the warm-up belongs to its turn
+        assert summary.parent_span_id == call.span_id  # in the call's trace...
+        ((_, trigger),) = summary.links
+        assert spans[trigger].name == "voxcore.turn"  # ...linked to the turn that set it off
         children = {s.name for s in receiver.spans if s.parent_span_id == summary.span_id}
         assert {"voxcore.summary_cache.check", "chat gpt-4o-mini", "voxcore.summary_cache.save"} <= children
         handover = receiver.by_name("voxcore.handover")[0]

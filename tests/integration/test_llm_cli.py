@@ -41,7 +41,7 @@ def named(lines: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 
 async def test_probe_llm_on_the_simulator_writes_a_report(tmp_path: Path) -> None:
     code, lines, err = await run(
-        "probe-llm", "--embedded-redis", "--repeats", "6", "--report-dir", str(tmp_path)
+        "probe-llm", "--embedded-redis", "--repeats", "6", "--report-dir", str(tmp_path), "--log-level=DEBUG"
     )
     assert code == 0, err
     assert named(lines, "llm_simulator_started")
@@ -80,6 +80,8 @@ async def test_probe_agent_shows_summary_cache_miss_then_hit(tmp_path: Path) -> 
         "3",
         "--report-dir",
         str(tmp_path),
+        "--log-level",
+        "DEBUG",
     )
     assert code == 0, err
     runs = named(lines, "summary_step")

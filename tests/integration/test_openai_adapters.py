@@ -692,7 +692,7 @@ async def test_chat_span_and_metrics(
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
-                assert metric.unit == "s"
+                assert metric.unit == ("{token}" if metric.name == "gen_ai.client.token.usage" else "s")
                 points.setdefault(metric.name, []).extend(metric.data.data_points)
     durations = points["gen_ai.client.operation.duration"]
     ok = [p for p in durations if "error.type" not in p.attributes]
@@ -700,8 +700,12 @@ async def test_chat_span_and_metrics(
     assert ok and ok[0].count == 1 and failed and failed[0].count == 1
     assert ok[0].attributes["gen_ai.request.model"] == MODEL
     assert ok[0].attributes["gen_ai.provider.name"] == "openai"
+    assert ok[0].attributes["gen_ai.response.model"] == MODEL
     ttfc = points["gen_ai.client.operation.time_to_first_chunk"]
     assert sum(p.count for p in ttfc) == 1
+    tokens = {p.attributes["gen_ai.token.type"]: p for p in points["gen_ai.client.token.usage"]}
+    assert set(tokens) == {"input", "output"} and all(p.count == 1 and p.sum > 0 for p in tokens.values())
+    assert all(p.attributes["gen_ai.response.model"] == MODEL for p in tokens.values())
 
 
 async def test_handshake_duration_metric(sim: OpenAISimulator, config: OpenAIConfig) -> None:

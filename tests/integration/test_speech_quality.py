@@ -22,7 +22,7 @@ from voxcore.application.hybrid import HybridResponder
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.fragments import FragmentSpec
 from voxcore.core.domain.playlist import Playlist, StaticItem, TTSItem
-from voxcore.core.domain.russian import hybrid_amount_playlist, money_words
+from voxcore.core.domain.russian import NUMBER_PACK, hybrid_amount_playlist, money_words
 from voxcore.core.domain.tts_text import normalize_tts_text
 from voxcore.core.ports.tts import SpeechRequest, TTSEngine
 from voxcore.entrypoints.cli import demo_manifest, numbers_manifest
@@ -334,3 +334,12 @@ async def test_joins_have_no_hole_and_no_step(cache: RedisCacheManager, pause_ms
     # The synthesized words lost only their padding: still most of their speech.
     spoken = len(audio) - len(intro) - len(rub)
     assert 16_000 * 2 * 0.5 < spoken < len(untrimmed) - len(intro) - len(rub)
+
+
+def test_the_shipped_manifests_list_every_fragment_with_its_exact_transcript() -> None:
+    pack = {spec.key: spec.transcript for spec in read_manifest(numbers_manifest())}
+    assert pack == {f"static:{name}": word for word, name in NUMBER_PACK.items()}
+    for spec in shipped():
+        assert Path(spec.file).is_file() and spec.transcript, spec.key
+    shipped_wavs = {p.resolve() for p in demo_manifest().parent.rglob("*.wav")}
+    assert shipped_wavs == {Path(spec.file).resolve() for spec in shipped()}  # nothing unlisted

@@ -799,6 +799,7 @@ async def test_span_tree_and_metrics(make_rig: Any, otel: Otel) -> None:
     await run_turns(rig.manager, "u1", "u2")  # turn 2 starts the warm-up
     await rig.controller.wait_warmup()
     await run_turns(rig.manager, "u3", "u4")  # turn 4 begins with the handover
+    await rig.manager.shutdown()  # ends the call span
 
     def attr(span: ReadableSpan, name: str) -> Any:
         return dict(span.attributes or {})[name]
@@ -808,15 +809,20 @@ async def test_span_tree_and_metrics(make_rig: Any, otel: Otel) -> None:
         by_id = {s.context.span_id: s for s in otel.spans() if s.context is not None}
         return by_id[span.parent.span_id]
 
+    (call,) = otel.spans("voxcore.call")  # one call, one trace
+    assert call.parent is None and attr(call, "gen_ai.conversation.id") == session_hash(SESSION)
+    assert {s.context.trace_id for s in otel.spans() if s.context} == {call.context.trace_id}  # type: ignore[union-attr]
     turns = sorted(otel.spans("voxcore.turn"), key=lambda s: int(attr(s, "voxcore.turn.index")))
     assert [attr(s, "voxcore.turn.index") for s in turns] == [1, 2, 3, 4]
+    assert all(parent(t) is call for t in turns)
 
     chats = otel.spans("chat main-model")
     assert len(chats) == 4 and all(parent(c) in turns for c in chats)
     assert sorted(attr(parent(c), "voxcore.turn.index") for c in chats) == [1, 2, 3, 4]
 
     (summary,) = otel.spans("voxcore.summary")
-    assert parent(summary) is turns[1]
+    assert parent(summary) is call  # a background summary: in the call's trace, linked to its turn
+    assert [link.context.span_id for link in summary.links] == [turns[1].context.span_id]  # type: ignore[union-attr]
     for child in ("voxcore.summary_cache.check", "voxcore.summary_cache.save", "chat summary-model"):
         (span,) = otel.spans(child)
         assert parent(span) is summary, child

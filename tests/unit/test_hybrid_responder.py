@@ -297,7 +297,7 @@ def tts() -> FakeTTS:
 async def test_all_cached_playlist_is_byte_exact_in_20ms_chunks(
     cache: FakeAudioCache, tts: FakeTTS, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="voxcore.hybrid")
+    caplog.set_level(logging.DEBUG, logger="voxcore.hybrid")
     cache.put("static:intro", fragment(1, 1010))
     cache.put(key_of("12 500", tts), split_pcm(tts.audio("12 500"), plan_chunks(PCM24, 20)))
     cache.put("static:rub", fragment(3, 330))
@@ -556,7 +556,7 @@ async def test_barge_in_abandons_unheard_synthesis_and_caches_nothing(
 async def test_missing_static_is_spoken_from_its_transcript(
     cache: FakeAudioCache, tts: FakeTTS, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="voxcore.hybrid")
+    caplog.set_level(logging.DEBUG, logger="voxcore.hybrid")
     cache.put("static:rub", fragment(3, 60))
     responder = make(cache, tts, transcripts={"intro": "Ваша стоимость составляет"})
     chunks = await collect(responder.play(Playlist.of(StaticItem("static:intro"), StaticItem("static:rub"))))

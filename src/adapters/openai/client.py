@@ -58,6 +58,9 @@ _tracer = trace.get_tracer("voxcore.llm")
 _meter = metrics.get_meter("voxcore.llm")
 _OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
 _TIME_TO_FIRST_CHUNK: Final = "gen_ai.client.operation.time_to_first_chunk"
+_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+# The GenAI semantic conventions' advisory buckets for token counts (1, 4, 16, ... 4^13).
+_TOKEN_BUCKETS: Final = tuple(4**i for i in range(14))
 
 CHAT_PATH: Final = "/chat/completions"
 #: Top-level field of the structured answer whose text is streamed.
@@ -87,8 +90,18 @@ def _histograms(meter: metrics.Meter) -> tuple[metrics.Histogram, metrics.Histog
     return duration, ttfc
 
 
+def _token_histogram(meter: metrics.Meter) -> metrics.Histogram:
+    return meter.create_histogram(
+        _TOKEN_USAGE,
+        unit="{token}",
+        description="Number of input and output tokens used.",
+        explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+    )
+
+
 # The API's proxy meter: instruments bind to the real provider once a host installs one.
 _operation_duration, _time_to_first_chunk = _histograms(_meter)
+_token_usage_histogram = _token_histogram(_meter)
 
 
 @functools.lru_cache(maxsize=64)
@@ -167,7 +180,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         tracer: OpenTelemetry tracer (defaults to the ``voxcore.llm`` tracer of the global provider).
         meter: OpenTelemetry meter (defaults to the ``voxcore.llm`` meter of the global provider).
 
-    Events (logger ``voxcore.llm.client``): ``request_send`` ``{model, ts, stream, messages}``,
+    Events (logger ``voxcore.llm.client``; DEBUG except ``llm_error``): ``request_send``
+    ``{model, ts, stream, messages}``,
     ``first_token`` ``{ttft_ms}``, ``chunk`` ``{seq, size}`` (DEBUG), ``stream_end`` ``{total_ms, chunks,
     ttft_ms, input_tokens, output_tokens, finish_reason, connection_reused}``, ``completion_done``
     ``{ms, input_tokens, output_tokens}``, ``llm_error`` ``{error_type, status, message, model}``.
@@ -186,13 +200,16 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         self._tracer = tracer or _tracer
         if meter is None:
             self._duration, self._ttfc = _operation_duration, _time_to_first_chunk
+            self._tokens = _token_usage_histogram
         else:
             self._duration, self._ttfc = _histograms(meter)
+            self._tokens = _token_histogram(meter)
         self._server: dict[str, str | int] = {
             "server.address": config.server_address,
             "server.port": config.server_port,
         }
         self._last_result: GenerationResult | None = None
+        self._last_ttft_ms: float | None = None
         self._tolerance_logged = False
 
     @property
@@ -204,6 +221,11 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
     def last_result(self) -> GenerationResult | None:
         """The result of the most recent successful stream (``None`` before any)."""
         return self._last_result
+
+    @property
+    def last_ttft_ms(self) -> float | None:
+        """Request sent -> first token of the most recent stream, also one that failed or was closed."""
+        return self._last_ttft_ms
 
     def _attributes(self, model: str, *, stream: bool, max_tokens: int) -> dict[str, Any]:
         config = self._config
@@ -227,6 +249,18 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         if error_type is not None:
             attributes["error.type"] = error_type
         return attributes
+
+    def _record_success(
+        self, seconds: float, model: str, response_model: object, usage: TokenUsage | None
+    ) -> None:
+        """Duration and ``gen_ai.client.token.usage`` points, with ``gen_ai.response.model`` when known."""
+        attributes = self._metric_attributes(model)
+        if isinstance(response_model, str) and response_model:
+            attributes["gen_ai.response.model"] = response_model
+        self._duration.record(seconds, attributes)
+        if usage is not None:
+            self._tokens.record(usage.input_tokens, {**attributes, "gen_ai.token.type": "input"})
+            self._tokens.record(usage.output_tokens, {**attributes, "gen_ai.token.type": "output"})
 
     def _failed(
         self,
@@ -442,11 +476,19 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         # for the network (or after the first chunk has been handed over), in this context.
         loop.call_soon(
             functools.partial(
-                emit, log, "request_send", model=model, ts=_now_iso(), stream=True, messages=len(messages)
+                emit,
+                log,
+                "request_send",
+                logging.DEBUG,
+                model=model,
+                ts=_now_iso(),
+                stream=True,
+                messages=len(messages),
             )
         )
         gate = gate_for(config.base_url, config.max_concurrent_requests)
         slot: Slot | None = None
+        self._last_ttft_ms = None
         sent = clock()
         now = loop.time()
         # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
@@ -514,6 +556,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                     if first_at is None:
                                         first_at = clock()
                                         ttft_s = first_at - sent
+                                        self._last_ttft_ms = round(ttft_s * 1000, 3)
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
                                         self._ttfc.record(ttft_s, self._metric_attributes(model))
                                         loop.call_soon(
@@ -521,6 +564,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                                 emit,
                                                 log,
                                                 "first_token",
+                                                logging.DEBUG,
                                                 ttft_ms=round(ttft_s * 1000, 3),
                                                 model=model,
                                             )
@@ -685,10 +729,11 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         if reused is not None:
             span.set_attribute("voxcore.connection.reused", reused)
         span.end()
-        self._duration.record(total_s, self._metric_attributes(model))
+        self._record_success(total_s, model, response_name, usage)
         emit(
             log,
             "stream_end",
+            logging.DEBUG,
             model=model,
             total_ms=result.total_ms,
             chunks=chunks,
@@ -778,7 +823,15 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            emit(log, "request_send", model=model, ts=_now_iso(), stream=False, messages=len(messages))
+            emit(
+                log,
+                "request_send",
+                logging.DEBUG,
+                model=model,
+                ts=_now_iso(),
+                stream=False,
+                messages=len(messages),
+            )
             sent = clock()
             try:
                 try:
@@ -824,10 +877,11 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                 span.set_attribute("gen_ai.response.model", payload["model"])
             if reused is not None:
                 span.set_attribute("voxcore.connection.reused", reused)
-            self._duration.record(elapsed, self._metric_attributes(model))
+            self._record_success(elapsed, model, payload.get("model"), usage)
         emit(
             log,
             "completion_done",
+            logging.DEBUG,
             model=model,
             ms=round(elapsed * 1000, 3),
             input_tokens=usage.input_tokens if usage is not None else None,

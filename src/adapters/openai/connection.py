@@ -365,7 +365,13 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-            emit(log, "conn_closed", base_url=self._config.base_url, connections=self._connections_opened)
+            emit(
+                log,
+                "conn_closed",
+                logging.DEBUG,
+                base_url=self._config.base_url,
+                connections=self._connections_opened,
+            )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -479,7 +485,7 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
     async def _start(self) -> None:
         config = self._config
         endpoint = config.warmup_endpoint
-        emit(log, "conn_handshake_start", base_url=config.base_url)
+        emit(log, "conn_handshake_start", logging.DEBUG, base_url=config.base_url)
         client = self._build_client()
         started = self._clock()
         status: int | None = None
@@ -598,7 +604,7 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
                 span.set_status(trace.StatusCode.ERROR, str(error))
                 span.set_attribute("error.type", str(status) if status is not None else type(error).__name__)
         ms = round((self._clock() - started) * 1000, 3)
-        emit(log, "keep_alive_ping_finish", ms=ms, ok=error is None, status=status)
+        emit(log, "keep_alive_ping_finish", logging.DEBUG, ms=ms, ok=error is None, status=status)
         if error is not None:
             self._ping_failures += 1
             emit(
