@@ -249,8 +249,10 @@ async def open_conversation(
     The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
     and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
-    store = await _resolved(dialogue_store) if settings is not None else None
-    events_publisher = await _resolved(publisher) if settings is not None else None
+    # The store and the publisher arrive as providers (or values): an awaitable argument would make the
+    # container run this coroutine detached from its caller, and a cancelled open would leak the call.
+    store = await _resolved(_provided(dialogue_store)) if settings is not None else None
+    events_publisher = await _resolved(_provided(publisher)) if settings is not None else None
     restored = await restore_dialogue(store, session_id) if resume and store is not None else None
     call_span = start_call_span(_tracer, session_hash(session_id))
     connection: LLMConnectionManager[Any] | None = None
@@ -301,6 +303,11 @@ async def open_conversation(
             model=settings.llm.models.main,
         )
     return manager
+
+
+def _provided(value: Any) -> Any:
+    """A provider's value (a dependency-injector provider is called), or ``value`` itself."""
+    return value() if isinstance(value, providers.Provider) else value
 
 
 async def _resolved(value: Any) -> Any:
@@ -842,8 +849,8 @@ class Container(containers.DeclarativeContainer):
         context_factory=llm_context.provider,
         dual_factory=dual_context.provider,
         settings=settings,
-        dialogue_store=dialogue_store,
-        publisher=event_publisher,
+        dialogue_store=dialogue_store.provider,
+        publisher=event_publisher.provider,
     )
     calls = providers.Resource(call_registry, open_conversation.provider)
 
