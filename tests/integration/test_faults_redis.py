@@ -260,3 +260,18 @@ async def test_random_point_cancellations_are_never_swallowed(
     # the cache still works afterwards (no connection left with a reply pending)
     assert await cache.get_text("summary:session:c") in ("t", "text")
     assert await cache.get_audio_chunks("static:c") == [b"x" * 640] * 40
+
+
+async def test_a_blocked_event_loop_is_not_blamed_on_redis(cache: RedisCacheManager) -> None:
+    """A host that blocks its loop past the deadline (sync work) gets its reply; the breaker stays closed."""
+    assert await cache.set_audio_chunks("static:b", [b"1"])
+    quick = RedisCacheManager(cache.config, key_prefix=cache.key_prefix, op_timeout_ms=50)
+    await quick.connect()
+    try:
+        task = asyncio.ensure_future(quick.get_audio_chunks("static:b"))
+        await asyncio.sleep(0)  # the command is sent
+        time.sleep(0.3)  # noqa: ASYNC251 - the host's blocking work, on purpose
+        assert await task == [b"1"]
+        assert quick.available and quick.failed_operations == {}
+    finally:
+        await quick.close()

@@ -298,8 +298,12 @@ class RedisGuard:
     ) -> T | Failure:
         slots = self._slots
         phase = "queue"
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(ends_at):
+            async with asyncio.timeout(None) as scope:
+                # The deadline is armed by a timer of ours that can tell a slow Redis from a blocked
+                # event loop (see _expire).
+                timer = loop.call_at(ends_at, _expire, scope, loop, ends_at)
                 if slots is not None:
                     if slots.free or self._queue_timeout_s is None:
                         await slots.acquire()
@@ -316,6 +320,7 @@ class RedisGuard:
                         await client.script_load(script)
                         return await call(client)
                 finally:
+                    timer.cancel()
                     if slots is not None:
                         slots.release()
         except TimeoutError:  # the deadline (redis-py raises its own TimeoutError class)
@@ -432,6 +437,25 @@ class RedisGuard:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: A deadline timer this late means the event loop was blocked (a host's synchronous work, CPU
+#: starvation), not that Redis was slow: a reply may already be waiting in the socket.
+_LOOP_BLOCKED_S: Final = 0.05
+
+
+def _expire(scope: asyncio.Timeout, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    """The per-call deadline's timer: expire the call, or once grant a blocked loop a short grace.
+
+    When the loop was blocked past the deadline, the I/O that arrived meanwhile (the reply) has not
+    been processed yet; expiring now would blame Redis for the host's stall and open the breaker.
+    One extra ``_LOOP_BLOCKED_S`` lets it be read first; after that the deadline is final.
+    """
+    now = loop.time()
+    try:
+        scope.reschedule(now + _LOOP_BLOCKED_S if now - due > _LOOP_BLOCKED_S else now)
+    except RuntimeError:  # the call already finished (its scope is closed)
+        pass
 
 
 def log_for(component: str) -> logging.Logger:
