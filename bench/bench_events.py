@@ -307,7 +307,13 @@ async def run(url: str, clients: int, events: int, gap_ms: float) -> tuple[list[
             "-", None),  # fmt: skip
     ]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    extra = {"cpu_us": cpu_us, "load": load, "deliveries": len(sse_lat), "expected": clients * events, "dropped": dropped}
+    extra = {
+        "cpu_us": cpu_us,
+        "load": load,
+        "deliveries": len(sse_lat),
+        "expected": clients * events,
+        "dropped": dropped,
+    }
     return rows, extra
 
 
