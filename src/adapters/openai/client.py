@@ -342,6 +342,12 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         }
         return response, payload
 
+    def _first_token(self, ttft_s: float, model: str, debug: bool) -> None:
+        """The first token's histogram and event, off the TTFT path."""
+        self._ttfc.record(ttft_s, self._metric_attributes(model))
+        if debug:
+            emit(log, "first_token", logging.DEBUG, ttft_ms=round(ttft_s * 1000, 3), model=model)
+
     def _tolerated(self, parser: StructuredStreamParser, model: str) -> None:
         """Log (once per client at WARNING, then at DEBUG) text around the JSON object that was ignored."""
         level = logging.DEBUG if self._tolerance_logged else logging.WARNING
@@ -474,18 +480,19 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         loop = asyncio.get_running_loop()
         # Events on the TTFT path are formatted off it: call_soon runs them while the loop waits
         # for the network (or after the first chunk has been handed over), in this context.
-        loop.call_soon(
-            functools.partial(
-                emit,
-                log,
-                "request_send",
-                logging.DEBUG,
-                model=model,
-                ts=_now_iso(),
-                stream=True,
-                messages=len(messages),
+        if debug:
+            loop.call_soon(
+                functools.partial(
+                    emit,
+                    log,
+                    "request_send",
+                    logging.DEBUG,
+                    model=model,
+                    ts=_now_iso(),
+                    stream=True,
+                    messages=len(messages),
+                )
             )
-        )
         gate = gate_for(config.base_url, config.max_concurrent_requests)
         slot: Slot | None = None
         self._last_ttft_ms = None
@@ -558,17 +565,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         ttft_s = first_at - sent
                                         self._last_ttft_ms = round(ttft_s * 1000, 3)
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
-                                        self._ttfc.record(ttft_s, self._metric_attributes(model))
-                                        loop.call_soon(
-                                            functools.partial(
-                                                emit,
-                                                log,
-                                                "first_token",
-                                                logging.DEBUG,
-                                                ttft_ms=round(ttft_s * 1000, 3),
-                                                model=model,
-                                            )
-                                        )
+                                        # Recorded right after the first chunk has been handed over.
+                                        loop.call_soon(self._first_token, ttft_s, model, debug)
                                     chunks += 1
                                     if debug:
                                         emit(log, "chunk", _DEBUG, seq=chunks, size=len(content))
