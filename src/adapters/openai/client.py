@@ -153,6 +153,29 @@ def _token_usage(raw: object) -> TokenUsage | None:
     return None
 
 
+def _salvaged(
+    parser: StructuredStreamParser, response_model: type[BaseModel], error: StructuredStreamError
+) -> tuple[BaseModel, list[str]] | None:
+    """The answer validated without the optional fields that failed validation, when that is enough.
+
+    Returns ``None`` when the object is incomplete, the streamed field itself is invalid, or a required
+    field failed.
+    """
+    cause = error.__cause__
+    if not isinstance(cause, ValidationError):
+        return None
+    bad = sorted({str(item["loc"][0]) for item in cause.errors() if item.get("loc")})
+    fields = response_model.model_fields
+    required = {name for name, info in fields.items() if info.is_required()}
+    if not bad or STREAM_FIELD in bad or required.intersection(bad):
+        return None
+    value = {key: item for key, item in parser.close().items() if key not in bad}
+    try:
+        return response_model.model_validate(value), bad
+    except ValidationError:
+        return None
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -672,7 +695,15 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                     f"complete ({chunks} chunks)"
                 )
             try:
-                instance = parser.validate(response_model)
+                try:
+                    instance = parser.validate(response_model)
+                except StructuredStreamError as exc:
+                    # The caller has heard the whole answer: a bad optional field must not take it back.
+                    salvaged = _salvaged(parser, response_model, exc) if answer is not None else None
+                    if salvaged is None:
+                        raise
+                    instance, dropped = salvaged
+                    emit(log, "structured_fields_dropped", logging.WARNING, model=model, fields=dropped)
             except (StructuredStreamError, ValidationError) as exc:
                 reason_text = ""
                 if refusal:
