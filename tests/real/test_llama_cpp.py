@@ -35,8 +35,8 @@ WAIT_S = 180.0
 class ShortAnswer(LLMStructuredResponse):
     """The default answer with bounded strings: llama.cpp's grammar then keeps a tiny model's turns short."""
 
-    answer: str = Field(max_length=80, description="The reply to speak to the user.")
-    internal_thought: str | None = Field(default=None, max_length=40, description="Never spoken.")
+    answer: str = Field(max_length=60, description="The reply to speak to the user.")
+    internal_thought: str | None = Field(default=None, max_length=20, description="Never spoken.")
 
 PROMPT = [
     {"role": "system", "content": "Ты голосовой ассистент. Отвечай одним коротким предложением."},
@@ -52,7 +52,7 @@ def config(llama: LlamaServer, **overrides: Any) -> OpenAIConfig:
         "read_timeout_s": 60.0,
         "first_token_timeout_s": 60.0,
         "turn_timeout_s": 120.0,
-        "max_output_tokens": 160,
+        "max_output_tokens": 200,
         "max_concurrent_requests": 1,
         "warmup_model": MODEL,
         **overrides,
