@@ -89,7 +89,8 @@ class LlamaServer:
         if SIMULATE:  # the simulator playing llama.cpp: checks the tier's own logic in seconds
             return subprocess.Popen(
                 [sys.executable, "-m", "voxcore.simulator", "--llama-cpp", "--no-auth",
-                 "--port", str(self.port), "--models", MODEL, "--inter-chunk-ms", "15", "--chars-per-chunk", "3"],
+                 "--port", str(self.port), "--models", MODEL,
+                 "--inter-chunk-ms", "15", "--chars-per-chunk", "3"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         return subprocess.Popen(
