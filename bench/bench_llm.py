@@ -932,11 +932,15 @@ async def first_turn_rows(conversations: int, turns: int) -> list[Row]:
 # -- main ---------------------------------------------------------------------------------------------------
 
 
-async def run(rounds: int, quick: bool) -> list[Row]:
+async def run(rounds: int, quick: bool, *, llama: bool = True, ttft_only: bool = False) -> list[Row]:
     rows: list[Row] = []
-    rows += await cpu_rows(rounds, streams=1 if quick else 2)
+    if not ttft_only:
+        rows += await cpu_rows(rounds, streams=1 if quick else 2)
     rows += await ttft_rows(rounds, requests=8 if quick else 12)
-    rows += await llama_ttft_rows(requests=10 if quick else 24)
+    if llama:
+        rows += await llama_ttft_rows(requests=10 if quick else 24)
+    if ttft_only:
+        return rows
     tokenizer = make_tokenizer(MODEL)
     rows += parse_rows(tokenizer, rounds)
     rows += accounting_rows(tokenizer, rounds * 4, batch=400)
@@ -950,12 +954,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and conversations (~1/3 time)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per comparison (default 11, quick 5)")
     parser.add_argument("--write", type=Path, help="also put the section into this markdown file")
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp row")
+    parser.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token rows")
     parser.add_argument("--serve-simulator", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_simulator is not None:
         return serve_simulator(json.loads(args.serve_simulator))
     rounds = args.rounds or (5 if args.quick else 11)
-    rows = asyncio.run(run(rounds, args.quick))
+    rows = asyncio.run(run(rounds, args.quick, llama=not args.no_llama, ttft_only=args.ttft_only))
     section = render(rows, rounds, args.quick)
     sys.stdout.write(section)
     if args.write:
