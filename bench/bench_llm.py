@@ -585,7 +585,7 @@ async def llama_ttft_rows(requests: int) -> list[Row]:
     ]
     config = OpenAIConfig(
         base_url=server.base_url, http2=False, max_output_tokens=200, max_concurrent_requests=1,
-        read_timeout_s=60.0, first_token_timeout_s=60.0, temperature=0.0,
+        read_timeout_s=120.0, first_token_timeout_s=120.0, turn_timeout_s=600.0, temperature=0.0,
     )  # fmt: skip
     connection = OpenAIConnectionManager(config)
     raw = httpx.AsyncClient(base_url=server.base_url, timeout=60.0)
