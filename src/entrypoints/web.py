@@ -95,14 +95,14 @@ class _EventStream(EventSourceResponse):
         finally:
             self._inflight.pop(task, None)
 
-    async def _watch(self, timeout: float) -> None:
+    async def _watch(self, limit_s: float) -> None:
         loop = asyncio.get_running_loop()
-        period = max(timeout / 4, 0.005)
+        period = max(limit_s / 4, 0.005)
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             for task, since in list(self._inflight.items()):
-                if now - since >= timeout and task not in self._expired:
+                if now - since >= limit_s and task not in self._expired:
                     self._expired.add(task)
                     task.cancel()
 
