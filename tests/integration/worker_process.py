@@ -41,8 +41,12 @@ def config_from(spec: dict[str, Any]) -> RedisConfig:
 
 async def wait_for_go(client: Any, go_key: str) -> None:
     await client.rpush(go_key + ":ready", b"1")
-    if await client.blpop([go_key], timeout=30) is None:
-        raise SystemExit("no go within 30 s")
+    # Short blocking pops: each must answer within the client's socket timeout (1 s), and a command
+    # is never resent after a lost reply, so one long BLPOP would end in a read timeout.
+    for _ in range(60):
+        if await client.blpop([go_key], timeout=0.5) is not None:
+            return
+    raise SystemExit("no go within 30 s")
 
 
 async def rate_limit(args: dict[str, Any]) -> dict[str, Any]:
