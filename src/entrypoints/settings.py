@@ -25,6 +25,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -58,11 +59,42 @@ class RedisSettings(BaseModel):
     pool_timeout: PositiveFloat = 1.0
     retries: int = Field(default=1, ge=0, le=10)
     health_check_interval: int = Field(default=30, ge=0)
+    # Deployment: one server, a Redis Cluster (startup `nodes`), or a Sentinel-managed primary.
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    nodes: list[str] = Field(default_factory=list)  # cluster startup nodes, "host:port"
+    sentinels: list[str] = Field(default_factory=list)  # "host:port" of the Sentinels
+    sentinel_service: str = Field(default="mymaster", min_length=1)
+    sentinel_password: SecretStr | None = None  # of the Sentinels themselves
+
+    @field_validator("nodes", "sentinels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``"h1:7000,h2:7000"`` (how an environment variable carries a list) -> a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("nodes", "sentinels")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port', got {address!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("mode sentinel needs `sentinels` (a list of host:port)")
+        if self.mode == "cluster" and self.db != 0:
+            raise ValueError("Redis Cluster has only database 0: `db` must be 0 in cluster mode")
+        return self
 
     @property
     def explicitly_located(self) -> bool:
         """True when a source set where Redis is (so tools must not pick a server themselves)."""
-        return bool(self.model_fields_set & {"url", "host", "port"})
+        return bool(self.model_fields_set & {"url", "host", "port", "nodes", "sentinels"})
 
 
 class CacheSettings(BaseModel):
@@ -222,6 +254,17 @@ class EspeakSettings(BaseModel):
     max_chars: PositiveInt = 1000
 
 
+class SynthesisLeaseSettings(BaseModel):
+    """Cross-worker single flight of TTS: a short Redis lease per ``tts:*`` key (docs/scale-out.md)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_s: PositiveFloat = 15.0  # longer than a synthesis + its cache write; a dead holder frees it then
+    wait_s: float = Field(default=5.0, ge=0.0)  # longest wait for another worker's audio
+    poll_ms: PositiveFloat = 50.0  # how often a waiting worker looks at the cache
+
+
 class HybridSettings(BaseModel):
     """Hybrid replies (recorded fragments + TTS): whose voice, and the fragments' transcripts."""
 
@@ -235,6 +278,7 @@ class HybridSettings(BaseModel):
     # Longest silence where a synthesized piece joins the next (edge silence trimmed to half each).
     join_pause_ms: int = Field(default=60, ge=0, le=1000)
     silence_threshold: int = Field(default=160, ge=0, le=32766)  # |sample| counted as silence
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class VoiceSettings(BaseModel):

@@ -38,7 +38,7 @@ def make_container(sim: OpenAISimulator, redis_target: RedisTarget, key_prefix: 
         env={
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": KEY,
-            "REDIS_URL": redis_target.url,
+            **redis_target.env(),
             "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
             "VOXCORE_LOGGING__CONFIGURE": "false",
             **env,
@@ -131,6 +131,7 @@ async def test_provider_errors_end_the_turn_cleanly(
         await manager.shutdown()
 
 
+@pytest.mark.all_redis_modes
 async def test_handover_under_load_loses_nothing(
     simulator: OpenAISimulator, redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
@@ -170,6 +171,7 @@ async def test_handover_under_load_loses_nothing(
         await c.shutdown_resources()
 
 
+@pytest.mark.all_redis_modes
 async def test_summary_cache_miss_then_hit_and_never_for_other_history(
     container: Container, simulator: OpenAISimulator, raw_redis: redis.Redis, key_prefix: str
 ) -> None:

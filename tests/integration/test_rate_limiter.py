@@ -11,12 +11,15 @@ import pytest
 import redis.asyncio as redis
 
 from tests.conftest import RedisTarget
-from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.ports.rate_limit import RateLimitDecision, RateLimiter
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.events import FIELDS_ATTR
+
+# Every test here that uses redis_target also runs on a Redis Cluster and a Sentinel set
+# (make test-cluster); the outage tests use a private server.
+pytestmark = pytest.mark.all_redis_modes
 
 Make = Callable[..., RedisRateLimiter]
 
@@ -38,7 +41,7 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], limit_s: float = 
 @pytest.fixture
 async def client(redis_target: RedisTarget) -> AsyncIterator[redis.Redis]:
     """A production-configured client (bounded pool of 32: the limiter must queue, not overflow)."""
-    c = RedisConfig(url=redis_target.url).build()
+    c = redis_target.config().build()
     try:
         yield c
     finally:
@@ -132,7 +135,7 @@ async def test_retry_after_is_honest(make: Make) -> None:
 async def test_exact_across_clients_sharing_one_server(
     redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
-    clients = [redis.Redis.from_url(redis_target.url) for _ in range(2)]
+    clients = [redis_target.config().build() for _ in range(2)]
     limiters = [RedisRateLimiter(c, limit=10, period_s=60, key_prefix=key_prefix) for c in clients]
     try:
         decisions = await asyncio.gather(*(limiters[i % 2].acquire("shared") for i in range(100)))
@@ -308,7 +311,7 @@ async def test_wrong_type_at_key_is_a_soft_failure(
 async def test_pool_bound_queues_callers_and_survives_cancellation(
     redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = redis.Redis.from_url(redis_target.url, max_connections=2)
+    client = redis_target.config(max_connections=2).build()
     limiter = RedisRateLimiter(client, limit=10, period_s=60, key_prefix=key_prefix)
     caplog.set_level(logging.INFO, logger="voxcore")
     try:
@@ -330,7 +333,7 @@ async def test_pool_bound_queues_callers_and_survives_cancellation(
 async def test_queue_timeout_is_a_soft_failure_not_an_outage(
     redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = redis.Redis.from_url(redis_target.url, max_connections=1)
+    client = redis_target.config(max_connections=1).build()
     limiter = RedisRateLimiter(
         client, limit=100, period_s=60, key_prefix=key_prefix, fail_open=False, queue_timeout_s=1e-6
     )

@@ -14,10 +14,13 @@ import redis.asyncio as redis
 
 from tests.unit.test_audio_domain import make_wav
 from voxcore.adapters.redis.cache import RedisCacheManager
-from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.keyspace import Keyspace
 from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat
 from voxcore.core.ports.cache import AbstractCache
 from voxcore.events import FIELDS_ATTR
+
+# Every test here also runs on a Redis Cluster and a Sentinel set (make test-cluster).
+pytestmark = pytest.mark.all_redis_modes
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
@@ -307,14 +310,14 @@ async def test_non_utf8_text_reads_as_none(
 
 
 async def test_text_and_tts_expire(redis_target: Any, key_prefix: str, raw_redis: redis.Redis) -> None:
-    cache = RedisCacheManager(RedisConfig(url=redis_target.url), key_prefix=key_prefix, tts_ttl_seconds=1)
+    cache = RedisCacheManager(redis_target.config(), key_prefix=key_prefix, tts_ttl_seconds=1)
     await cache.connect()
     try:
         assert await cache.set_text("summary:session:e", "short", 1)
         assert await cache.set_audio_fragment("tts:e", [b"x" * 64] * 3, AudioFormat(16_000, 1, 2))
         assert await cache.set_audio_chunks("static:e", [b"x"])
         assert 0 < await raw_redis.pttl(f"{key_prefix}tts:e") <= 1000
-        assert 0 < await raw_redis.pttl(f"{key_prefix}voxcore:meta:tts:e") <= 1000
+        assert 0 < await raw_redis.pttl(Keyspace(key_prefix).meta("tts:e")) <= 1000
         await asyncio.sleep(1.3)
         assert await cache.get_text("summary:session:e") is None
         assert await cache.get_audio_chunks("tts:e") is None
@@ -475,7 +478,7 @@ async def test_abandoned_stream_closed_early(cache: RedisCacheManager) -> None:
 async def test_close_is_idempotent_and_calls_after_close_are_soft(
     redis_target: Any, key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = RedisCacheManager(RedisConfig(url=redis_target.url), key_prefix=key_prefix)
+    cache = RedisCacheManager(redis_target.config(), key_prefix=key_prefix)
     caplog.set_level(logging.INFO, logger="voxcore")
     assert await cache.get_text("summary:session:x") is None  # before connect
     await cache.connect()
@@ -489,7 +492,7 @@ async def test_close_is_idempotent_and_calls_after_close_are_soft(
 async def test_more_callers_than_connections_queue_instead_of_failing(
     redis_target: Any, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
-    cache = RedisCacheManager(RedisConfig(url=redis_target.url, max_connections=2), key_prefix=key_prefix)
+    cache = RedisCacheManager(redis_target.config(max_connections=2), key_prefix=key_prefix)
     await cache.connect()
     try:
         chunks = [b"q" * 640] * 2000
@@ -506,7 +509,7 @@ async def test_pool_exhaustion_is_a_soft_timeout(
     redis_target: Any, key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = RedisCacheManager(
-        RedisConfig(url=redis_target.url, max_connections=1, pool_timeout=0.05), key_prefix=key_prefix
+        redis_target.config(max_connections=1, pool_timeout=0.05), key_prefix=key_prefix
     )
     await cache.connect()
     try:

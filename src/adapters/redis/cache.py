@@ -4,10 +4,14 @@ Storage layout (``P`` is the optional key prefix for a shared Redis):
 
 * ``P<key>`` - the fragment: a Redis List of byte chunks (``static:*``, ``tts:*``), or a String
   (``summary:session:*``).
-* ``P voxcore:meta:<key>`` - a Hash with the fragment's audio format and size, written in the same
-  MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
-* ``P voxcore:prev:<key>`` - the previous version of an overwritten list, kept for a short grace
+* ``P voxcore:meta:{P<key>}`` - a Hash with the fragment's audio format and size, written in the
+  same MULTI/EXEC as the list (deleted when the format is unknown, so it never describes other data).
+* ``P voxcore:prev:{P<key>}`` - the previous version of an overwritten list, kept for a short grace
   period so that a streaming reader that started on it can finish on it.
+
+The braces are a Redis Cluster hash tag: the three keys of a fragment hash to one slot, so the
+MULTI/EXEC writes and the Lua read work in a cluster (see ``keyspace``; a key that has its own tag
+keeps it). Format hashes written before this layout (``P voxcore:meta:<key>``) are still read.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
-import redis.asyncio as redis
 from redis import exceptions as redis_exc
 
-from voxcore.adapters.redis.config import RedisConfig
+from voxcore.adapters.redis.config import RedisClient, RedisConfig, SlotMapGate
+from voxcore.adapters.redis.keyspace import Keyspace
 from voxcore.core.domain import keys
 from voxcore.core.domain.audio import MAX_CHUNKS, AudioFormat, WavAudio, parse_wav, plan_chunks, split_pcm
 from voxcore.core.domain.errors import DomainError
@@ -37,11 +41,18 @@ T = TypeVar("T")
 
 #: Largest WAV file ``load_and_set_audio`` reads (MAX_CHUNKS of 20 ms stereo 48 kHz 32-bit is ~150 MB).
 MAX_WAV_BYTES: Final = 256 * 1024 * 1024
-_META = "voxcore:meta:"
-_PREV = "voxcore:prev:"
 # Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
 # (WRONGTYPE, NOSCRIPT, ...) are answers from a live server and leave it closed.
-_CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
+# In a cluster, a slot without a reachable primary (CLUSTERDOWN, a slot not covered while a replica
+# is promoted) is an outage of that shard too.
+_CONNECTION_ERRORS: Final = (
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    OSError,
+    TimeoutError,
+    redis_exc.ClusterDownError,
+    redis_exc.SlotNotCoveredError,
+)
 _AUDIO_TYPES: Final = (bytes, bytearray, memoryview)
 _EXACT_AUDIO_TYPES: Final = frozenset(_AUDIO_TYPES)
 # The rest of a streamed list, atomically, from whichever version starts with the chunks already
@@ -61,6 +72,31 @@ if starts_with_head(KEYS[2]) then return {2, redis.call('LRANGE', KEYS[2], n, -1
 return {0, {}}
 """
 _READ_REST_SHA: Final = hashlib.sha1(_READ_REST_LUA.encode()).hexdigest()
+# The write transaction of a fragment as one script, for Redis Cluster: redis-py's asyncio cluster
+# pipeline runs every queued command of a MULTI in a thread with an event loop of its own (and
+# re-reads the slot map from there after a failover), so in cluster mode the three keys of a
+# fragment (one hash slot) are written by this script instead - atomic in the same way.
+# KEYS: fragment, meta, prev. ARGV: prev grace (ms), TTL (ms, '' for none), the number N of meta
+# hash arguments, N field/value arguments, then the chunks (RPUSHed in slices: Lua's unpack() has a
+# stack limit of a few thousand values).
+_WRITE_LUA: Final = """
+redis.pcall('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+local nmeta = tonumber(ARGV[3])
+local first, last = 4 + nmeta, #ARGV
+if last < first then return 0 end
+for i = first, last, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, last)))
+end
+if nmeta > 0 then redis.call('HSET', KEYS[2], unpack(ARGV, 4, 3 + nmeta)) end
+if ARGV[2] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if nmeta > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+end
+return last - first + 1
+"""
+_WRITE_SHA: Final = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
 
 
 class _Failed:
@@ -91,6 +127,10 @@ class RedisCacheManager(AbstractAudioCache):
         prev_grace_seconds: How long an overwritten fragment stays readable for open streams.
         breaker: Fast-fail policy; a default one is made when omitted.
         clock: Monotonic seconds (injectable for tests).
+
+    Raises:
+        ValueError: an argument is out of range, or ``key_prefix`` has braces that form no
+            cluster hash tag.
     """
 
     def __init__(
@@ -112,12 +152,14 @@ class RedisCacheManager(AbstractAudioCache):
             raise ValueError(f"prev_grace_seconds must be positive, got {prev_grace_seconds}")
         self._config = config
         self._prefix = key_prefix
+        self._keys = Keyspace(key_prefix, cluster=config.mode == "cluster")
         self._tts_ttl_ms = tts_ttl_seconds * 1000
         self._first_batch = stream_first_batch
         self._prev_grace_ms = prev_grace_seconds * 1000
         self._breaker = breaker or CircuitBreaker()
         self._clock = clock
-        self._redis: redis.Redis | None = None
+        self._redis: RedisClient | None = None
+        self._gate = SlotMapGate(None)
         self._tasks: set[asyncio.Task[Any]] = set()
         # Bounds in-flight commands to the pool size: a caller beyond it waits (up to
         # pool_timeout) instead of the pool raising "too many connections".
@@ -143,6 +185,7 @@ class RedisCacheManager(AbstractAudioCache):
         if self._redis is not None:
             return
         self._redis = self._config.build()
+        self._gate = SlotMapGate(self._redis)
         started = time.perf_counter()
         if await self.ping():
             emit(
@@ -244,7 +287,16 @@ class RedisCacheManager(AbstractAudioCache):
         if not _valid_key(key):
             self._refuse("get_audio_format", key, "key must be a non-empty string")
             return None
-        fields = await self._run("get_audio_format", key, lambda r: r.hgetall(self._prefix + _META + key))
+        try:
+            meta = self._keys.meta(key)
+        except DomainError as exc:
+            self._refuse("get_audio_format", key, str(exc))
+            return None
+        fields = await self._run("get_audio_format", key, lambda r: r.hgetall(meta))
+        if not fields and not isinstance(fields, _Failed) and self._config.mode != "cluster":
+            # A fragment stored before the cluster-safe layout keeps its format at the old key.
+            legacy = self._keys.legacy_meta(key)
+            fields = await self._run("get_audio_format", key, lambda r: r.hgetall(legacy))
         if isinstance(fields, _Failed) or not fields:
             return None
         try:
@@ -328,7 +380,7 @@ class RedisCacheManager(AbstractAudioCache):
         result = await self._run(
             "set_text",
             key,
-            lambda r: r.execute_command(  # type: ignore[no-untyped-call]
+            lambda r: r.execute_command(  # type: ignore[no-untyped-call,unused-ignore]
                 "SETEX", self._prefix + key, ttl_seconds, text.encode("utf-8")
             ),
         )
@@ -376,17 +428,23 @@ class RedisCacheManager(AbstractAudioCache):
                 kept=MAX_CHUNKS,
             )
             audio_chunks = audio_chunks[:MAX_CHUNKS]
+        try:
+            full, meta, prev = self._keys.key(key), self._keys.meta(key), self._keys.prev(key)
+        except DomainError as exc:
+            return self._refuse(op, key, str(exc))
+        # On one server, also drop a format hash left at the pre-cluster-layout key.
+        stale = (self._keys.legacy_meta(key),) if self._config.mode != "cluster" else ()
         started = time.perf_counter()
-        full, meta, prev = self._prefix + key, self._prefix + _META + key, self._prefix + _PREV + key
         ttl_ms = self._tts_ttl_ms if keys.is_tts(key) else None
 
-        async def transaction(r: redis.Redis) -> list[Any]:
+        async def transaction(r: RedisClient) -> list[Any]:
             pipe = r.pipeline(transaction=True)
             # Keep the version being replaced readable for streams opened on it. RENAME fails on a
             # missing key; inside MULTI that error is just the first reply and aborts nothing.
-            pipe.rename(full, prev)
+            # (execute_command: the cluster pipeline blocks its multi-key helpers even in a transaction)
+            pipe.execute_command("RENAME", full, prev)
             pipe.pexpire(prev, self._prev_grace_ms)
-            pipe.delete(full, meta)
+            pipe.delete(full, meta, *stale)
             if audio_chunks:
                 pipe.rpush(full, *audio_chunks)
                 if audio_format is not None:
@@ -398,13 +456,28 @@ class RedisCacheManager(AbstractAudioCache):
                         pipe.pexpire(meta, ttl_ms)
             return await pipe.execute(raise_on_error=False)
 
-        replies = await self._run(op, key, transaction)
-        if isinstance(replies, _Failed):
-            return False
-        errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
-        if errors:
-            self._log_error(op, key, errors[0])
-            return False
+        if self._config.mode == "cluster":
+            meta_args: list[Any] = []
+            if audio_format is not None and audio_chunks:
+                fields = {**audio_format.to_fields(), "chunks": str(len(audio_chunks))}
+                meta_args = [part for item in fields.items() for part in item]
+            args = (self._prev_grace_ms, "" if ttl_ms is None else ttl_ms, len(meta_args), *meta_args)
+            written = await self._run(
+                op,
+                key,
+                lambda r: r.evalsha(_WRITE_SHA, 3, full, meta, prev, *args, *audio_chunks),
+                script=_WRITE_LUA,
+            )
+            if isinstance(written, _Failed):
+                return False
+        else:
+            replies = await self._run(op, key, transaction)
+            if isinstance(replies, _Failed):
+                return False
+            errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
+            if errors:
+                self._log_error(op, key, errors[0])
+                return False
         emit(
             log,
             "set_audio_chunks_ok",
@@ -427,19 +500,20 @@ class RedisCacheManager(AbstractAudioCache):
         Returns ``(1, tail)`` from the current list, ``(2, tail)`` from the retained previous
         version, ``(0, [])`` when neither starts with ``head``, or ``None`` on a soft failure.
         """
-        full, prev, n = self._prefix + key, self._prefix + _PREV + key, len(head)
+        full, prev, n = self._keys.key(key), self._keys.prev(key), len(head)
 
-        async def snapshot(r: redis.Redis) -> list[Any]:
+        async def snapshot(r: RedisClient) -> list[Any]:
             pipe = r.pipeline(transaction=True)
             pipe.lrange(full, 0, n - 1)
             pipe.lrange(full, n, -1)
             return await pipe.execute()
 
-        fast = await self._run("open_audio_stream", key, snapshot)
-        if isinstance(fast, _Failed):
-            return None
-        if fast[0] == head:
-            return 1, fast[1]
+        if self._config.mode != "cluster":  # cluster: no MULTI (see _WRITE_LUA), the script below
+            fast = await self._run("open_audio_stream", key, snapshot)
+            if isinstance(fast, _Failed):
+                return None
+            if fast[0] == head:
+                return 1, fast[1]
         result = await self._run(
             "open_audio_stream",
             key,
@@ -458,7 +532,7 @@ class RedisCacheManager(AbstractAudioCache):
         return task
 
     async def _run(
-        self, op: str, key: str, call: Callable[[redis.Redis], Awaitable[T]], script: str | None = None
+        self, op: str, key: str, call: Callable[[RedisClient], Awaitable[T]], script: str | None = None
     ) -> T | _Failed:
         """Run one Redis call through the breaker; map every failure to a logged ``FAILED``.
 
@@ -493,7 +567,7 @@ class RedisCacheManager(AbstractAudioCache):
             await slots.acquire()  # free slot: returns without suspending
         try:
             try:
-                result = await call(client)
+                result = await self._gate.run(lambda: call(client))
             except redis_exc.NoScriptError:
                 if script is None:
                     raise
@@ -503,8 +577,17 @@ class RedisCacheManager(AbstractAudioCache):
             breaker.record_failure(self._clock())
             self._log_error(op, key, exc)
             return FAILED
-        except redis_exc.RedisError as exc:
-            breaker.record_success()  # the server answered: it is up, the command was wrong
+        except (redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
+            # The server answered (it is up, the command was wrong), or the cluster client refused
+            # the command itself.
+            breaker.record_success()
+            self._log_error(op, key, exc)
+            return FAILED
+        except Exception as exc:
+            # A client-side breakage (redis-py's cluster client can raise AttributeError on a
+            # connection torn down while its slot map is re-read during a failover): soft, and
+            # counted as an outage so the breaker spares the callers until a probe succeeds.
+            breaker.record_failure(self._clock())
             self._log_error(op, key, exc)
             return FAILED
         finally:
@@ -512,14 +595,14 @@ class RedisCacheManager(AbstractAudioCache):
         breaker.record_success()
         return result
 
-    async def _probe(self, client: redis.Redis) -> None:
+    async def _probe(self, client: RedisClient) -> None:
         """The breaker's trial call: close it if Redis answers, reopen it (longer) if not."""
         try:
             await client.ping()
         except asyncio.CancelledError:
             self._breaker.release_trial()
             raise
-        except (*_CONNECTION_ERRORS, redis_exc.RedisError) as exc:
+        except (*_CONNECTION_ERRORS, redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
             self._breaker.record_failure(self._clock())
             emit(log, "redis_probe_failed", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
             return

@@ -13,7 +13,9 @@ from typing import Any, Final, cast
 
 import redis.asyncio as redis
 from redis import exceptions as redis_exc
+from redis.asyncio.cluster import RedisCluster
 
+from voxcore.adapters.redis.config import SlotMapGate
 from voxcore.core.domain.keys import MAX_KEY_LENGTH
 from voxcore.core.domain.resilience import CircuitBreaker
 from voxcore.core.ports.rate_limit import RateLimitDecision, RateLimiter
@@ -23,7 +25,16 @@ log = logging.getLogger(__name__)
 
 # Failures that mean "Redis cannot be reached": they open the circuit breaker. Other RedisErrors
 # (WRONGTYPE, a script error) are answers from a live server and leave it closed.
-_CONNECTION_ERRORS: Final = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError, TimeoutError)
+# In a cluster, a slot without a reachable primary (CLUSTERDOWN, a slot not covered while a replica
+# is promoted) is an outage of that shard too.
+_CONNECTION_ERRORS: Final = (
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    OSError,
+    TimeoutError,
+    redis_exc.ClusterDownError,
+    redis_exc.SlotNotCoveredError,
+)
 # The theoretical arrival time (TAT) and all arithmetic are whole microseconds held in Lua doubles:
 # exact up to 2**53 us (285 years), so the server clock plus the tolerance must stay below it.
 _MAX_TOLERANCE_US: Final = 2**52
@@ -100,7 +111,7 @@ class RedisRateLimiter(RateLimiter):
 
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client: redis.Redis | RedisCluster,
         *,
         limit: int,
         period_s: float,
@@ -152,7 +163,10 @@ class RedisRateLimiter(RateLimiter):
         # Bounds in-flight calls to the client's pool size: beyond it a plain ConnectionPool raises
         # "Too many connections", which is an overload, not an outage; callers queue instead.
         pool_size: object = getattr(getattr(redis_client, "connection_pool", None), "max_connections", None)
+        if isinstance(redis_client, RedisCluster):  # a pool per node, each of this size
+            pool_size = redis_client.get_connection_kwargs().get("max_connections")
         self._slots = _Slots(pool_size) if isinstance(pool_size, int) and pool_size >= 1 else None
+        self._gate = SlotMapGate(redis_client)
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -262,7 +276,7 @@ class RedisRateLimiter(RateLimiter):
         )
         try:
             try:
-                reply = await cast("Awaitable[int]", client.evalsha(*args))
+                reply = await self._gate.run(lambda: cast("Awaitable[int]", client.evalsha(*args)))
             except redis_exc.NoScriptError:
                 # A restarted or flushed server forgot the script: load it and retry once.
                 await client.script_load(_GCRA_LUA)
@@ -271,8 +285,14 @@ class RedisRateLimiter(RateLimiter):
             breaker.record_failure(self._clock())
             self._log_error(subject, exc)
             return None
-        except redis_exc.RedisError as exc:
+        except (redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
             breaker.record_success()  # the server answered: it is up, the call was refused
+            self._log_error(subject, exc)
+            return None
+        except Exception as exc:
+            # A client-side breakage (redis-py's cluster client can raise AttributeError on a
+            # connection torn down while its slot map is re-read during a failover): soft.
+            breaker.record_failure(self._clock())
             self._log_error(subject, exc)
             return None
         finally:
@@ -300,7 +320,7 @@ class RedisRateLimiter(RateLimiter):
         except asyncio.CancelledError:
             self._breaker.release_trial()
             raise
-        except (*_CONNECTION_ERRORS, redis_exc.RedisError) as exc:
+        except (*_CONNECTION_ERRORS, redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
             self._breaker.record_failure(self._clock())
             emit(log, "rate_limit_probe_failed", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
             return
