@@ -83,6 +83,7 @@ bench: install
 	$(BIN)/python bench/bench_cache.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_rate_limit.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_llm.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_import.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
 

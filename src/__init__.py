@@ -3,21 +3,31 @@
 The import package is ``voxcore`` (this folder, ``src/``, is mapped onto it). The public API, all
 importable from here (``from voxcore import Container, Settings, load_settings``):
 
-==========================  ============================================================
-``Container``               the composition root a host service builds (one per process)
-``Settings``                the validated settings model
-``load_settings``           settings from a YAML file + ``.env`` + the environment
-``CallRegistry``            ``container.calls``: one conversation per call id, a turn lock
-``ConversationManager``     one call's conversation (``container.open_conversation(...)``)
-``TurnMetrics``             the figures of one turn (``manager.last_turn_metrics``)
-``LLMStreamChunk``          one streamed piece of an answer
-``configure_logging``       voxcore's JSON log lines on a stream (hosts usually keep theirs)
-``setup_telemetry``         voxcore's own OpenTelemetry SDK set-up (never over a host's)
-``Telemetry``               what :func:`setup_telemetry` installed
-``VoxcoreError``            root of voxcore's errors; ``ConfigurationError``, ``BackendError``,
-                            ``LLMError`` (and its subclasses), ``TTSError`` below it
-``__version__``             the package version
-==========================  ============================================================
+==============================  ==========================================================
+``Container``                   the composition root a host service builds (one per process)
+``Settings``                    the validated settings model
+``load_settings``               settings from a YAML file + ``.env`` + the environment
+``CallRegistry``                ``await container.calls()``: one conversation per call id,
+                                a turn lock per call, every call closed at shutdown
+``ConversationManager``         one call's conversation (``container.open_conversation(id)``)
+``TurnMetrics``                 the figures of one turn (``manager.last_turn_metrics``)
+``LLMStreamChunk``              one streamed piece of an answer
+``configure_logging``           voxcore's JSON log lines on a stream (hosts usually keep theirs)
+``setup_telemetry``             voxcore's own OpenTelemetry SDK set-up (never over a host's)
+``Telemetry``                   what :func:`setup_telemetry` installed
+``VoxcoreError``                root of every error voxcore raises on purpose
+``ConfigurationError``          settings missing or invalid (at start, never mid-call)
+``BackendError``                a backing service failed (``transient`` flag)
+``BackendUnavailableError``     a backing service cannot be reached right now
+``LLMError``                    an LLM provider call failed; subclasses below
+``LLMAuthError``                401/403: bad or missing API key
+``LLMRateLimitedError``         429/503 with ``retry_after``
+``LLMTimeoutError``             connect, read, first-token or turn deadline
+``LLMServerError``              5xx
+``LLMProtocolError``            malformed stream or structured answer
+``TTSError``                    a speech synthesis failed
+``__version__``                 the package version (the one source of it)
+==============================  ==========================================================
 
 Names load on first use: ``import voxcore`` costs next to nothing, and the voice stack (numpy,
 soxr) is imported only when a voice feature is used.

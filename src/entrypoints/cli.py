@@ -1,6 +1,10 @@
-"""The ``voxcore`` command line: ``load-audio`` and ``probe-cache`` (more commands join later).
+"""The ``voxcore`` command line: load fragments, probe the cache and the LLM, run the offline demo.
 
-Every command prints JSON lines on stdout. Redis is found in this order: ``--redis-url``;
+Commands: ``load-audio``, ``probe-cache``, ``demo``, ``probe-llm``, ``probe-agent``, ``sandbox``
+(``voxcore COMMAND --help`` shows each one's options with their defaults; ``voxcore --version``).
+
+Every command prints JSON lines on stdout; an error is also written to stderr as one
+``voxcore: error: ...`` line, and the exit code is non-zero. Redis is found in this order: ``--redis-url``;
 ``--embedded-redis``; the configured location (config file, ``REDIS_URL``/``REDIS_HOST``...);
 a server answering on 127.0.0.1:6379; otherwise a ``redis-server`` from PATH started on a free
 loopback port for the run (announced with ``embedded_redis_started``).
@@ -12,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -48,18 +53,67 @@ def numbers_manifest() -> Path:
     return numbers_manifest_path()
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (``--help`` is the reference of the flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(action, argparse._VersionAction | argparse._HelpAction)
+        ):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every ``voxcore`` (sub)command parser: the defaults-showing help formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give options without a help text one, so ``--help`` lists them with their default."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _document_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``voxcore`` command."""
-    parser = argparse.ArgumentParser(prog="voxcore", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
+    from voxcore import __version__
+
+    lines = (__doc__ or "").splitlines()
+    parser = _Parser(prog="voxcore", description="\n".join(lines[:4]).replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"voxcore {__version__}")
+    common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file (default: defaults + environment)")
     where = common.add_mutually_exclusive_group()
     where.add_argument("--redis-url", help="use this Redis (overrides the configuration)")
     where.add_argument(
         "--embedded-redis", action="store_true", help="always start a private redis-server for this run"
     )
-    common.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="JSON log lines on stdout from this level (default: the command's, usually INFO)",
+    )
+    common.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="export traces and metrics over OTLP for this run (telemetry.enabled; the OTEL_* "
+        "variables apply, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     load = sub.add_parser(
         "load-audio",
@@ -98,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     llm_cli.register(sub, common)
+    _document_defaults(parser)
     return parser
 
 
@@ -105,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``voxcore`` console script."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    if getattr(args, "telemetry", False):
+        os.environ["VOXCORE_TELEMETRY__ENABLED"] = "true"  # this process only: read by load_settings
     try:
         return asyncio.run(handler(args))
     except ConfigurationError as exc:
-        _print_json({"event": "error", "error": str(exc)})
+        _print_json({"event": "error", "error": str(exc)})  # and on stderr
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -120,6 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+    if payload.get("event") == "error" and "error" in payload:
+        _print_error(str(payload["error"]))
+
+
+def _print_error(message: str) -> None:
+    """The human-readable copy of an error, on stderr (stdout stays JSON lines)."""
+    sys.stderr.write(f"voxcore: error: {message}\n")
+    sys.stderr.flush()
 
 
 @asynccontextmanager

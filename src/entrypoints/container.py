@@ -21,50 +21,90 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dependency_injector import containers, providers
 from opentelemetry import trace
 
-from voxcore.adapters.audio.convert import SoxrAudioConverter
-from voxcore.adapters.espeak.tts import EspeakTTSEngine
-from voxcore.adapters.openai.client import OpenAILLMClient
-from voxcore.adapters.openai.config import OpenAIConfig
-from voxcore.adapters.openai.connection import OpenAIConnectionManager
-from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
-from voxcore.adapters.openai.shared import SharedConnections
-from voxcore.adapters.openai.tokenizer import make_tokenizer
-from voxcore.adapters.openai.tts import OpenAITTSEngine
-from voxcore.adapters.redis.cache import RedisCacheManager
-from voxcore.adapters.redis.config import RedisConfig
-from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
-from voxcore.adapters.redis.lease import RedisKeyLeases
-from voxcore.adapters.redis.rate_limit import RedisRateLimiter
-from voxcore.application.calls import CallRegistry
-from voxcore.application.context import LLMContext
-from voxcore.application.dual_context import DualContextController
-from voxcore.application.embedding_cache import EmbeddingCache
-from voxcore.application.faq import FaqMatcher
-from voxcore.application.hybrid import HybridResponder
-from voxcore.application.manager import ConversationManager, start_call_span
-from voxcore.application.shared_synthesis import SharedSynthesis
-from voxcore.application.spoken import SpokenConversation
-from voxcore.application.voice import VoiceService
-from voxcore.core.domain.audio import AudioFormat
-from voxcore.core.domain.dual_context import DualContextPolicy
 from voxcore.core.domain.keys import session_hash
-from voxcore.core.domain.resilience import CircuitBreaker
-from voxcore.core.domain.voice import AgentVoiceSettings
 from voxcore.core.ports.errors import ConfigurationError
-from voxcore.core.ports.llm import LLMConnectionManager
-from voxcore.core.ports.tokenizer import Tokenizer
-from voxcore.core.ports.tts import TTSEngine
-from voxcore.entrypoints.faq import read_faq_manifest
+from voxcore.entrypoints.lazy import lazy as _lazy
 from voxcore.entrypoints.logging import configure_logging, remove_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
-from voxcore.entrypoints.prompts import load_prompts
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+
+# Adapters and use cases: imported for type checkers only; at run time each name is a _lazy stand-in
+# that imports its module on first call. A new one goes in both lists (tests/unit/test_public_api.py
+# fails when importing the container loads numpy, soxr, redis, httpx or tiktoken).
+if TYPE_CHECKING:
+    from voxcore.adapters.audio.convert import SoxrAudioConverter
+    from voxcore.adapters.espeak.tts import EspeakTTSEngine
+    from voxcore.adapters.openai.client import OpenAILLMClient
+    from voxcore.adapters.openai.config import OpenAIConfig
+    from voxcore.adapters.openai.connection import OpenAIConnectionManager
+    from voxcore.adapters.openai.embeddings import OpenAIEmbeddings
+    from voxcore.adapters.openai.shared import SharedConnections
+    from voxcore.adapters.openai.tokenizer import make_tokenizer
+    from voxcore.adapters.openai.tts import OpenAITTSEngine
+    from voxcore.adapters.redis.cache import RedisCacheManager
+    from voxcore.adapters.redis.config import RedisConfig
+    from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
+    from voxcore.adapters.redis.lease import RedisKeyLeases
+    from voxcore.adapters.redis.rate_limit import RedisRateLimiter
+    from voxcore.application.calls import CallRegistry
+    from voxcore.application.context import LLMContext
+    from voxcore.application.dual_context import DualContextController
+    from voxcore.application.embedding_cache import EmbeddingCache
+    from voxcore.application.faq import FaqMatcher
+    from voxcore.application.hybrid import HybridResponder
+    from voxcore.application.manager import ConversationManager, start_call_span
+    from voxcore.application.shared_synthesis import SharedSynthesis
+    from voxcore.application.spoken import SpokenConversation
+    from voxcore.application.voice import VoiceService
+    from voxcore.core.domain.audio import AudioFormat
+    from voxcore.core.domain.dual_context import DualContextPolicy
+    from voxcore.core.domain.resilience import CircuitBreaker
+    from voxcore.core.domain.voice import AgentVoiceSettings
+    from voxcore.core.ports.llm import LLMConnectionManager
+    from voxcore.core.ports.tokenizer import Tokenizer
+    from voxcore.core.ports.tts import TTSEngine
+    from voxcore.entrypoints.faq import read_faq_manifest
+    from voxcore.entrypoints.prompts import load_prompts
+else:
+    # The voice stack (numpy, soxr), Redis and HTTP clients load when a provider first builds
+    # them: importing the container stays cheap for a host (see _lazy).
+    read_faq_manifest = _lazy("voxcore.entrypoints.faq", "read_faq_manifest")
+    load_prompts = _lazy("voxcore.entrypoints.prompts", "load_prompts")
+    SoxrAudioConverter = _lazy("voxcore.adapters.audio.convert", "SoxrAudioConverter")
+    EspeakTTSEngine = _lazy("voxcore.adapters.espeak.tts", "EspeakTTSEngine")
+    OpenAILLMClient = _lazy("voxcore.adapters.openai.client", "OpenAILLMClient")
+    OpenAIConfig = _lazy("voxcore.adapters.openai.config", "OpenAIConfig")
+    OpenAIConnectionManager = _lazy("voxcore.adapters.openai.connection", "OpenAIConnectionManager")
+    OpenAIEmbeddings = _lazy("voxcore.adapters.openai.embeddings", "OpenAIEmbeddings")
+    SharedConnections = _lazy("voxcore.adapters.openai.shared", "SharedConnections")
+    make_tokenizer = _lazy("voxcore.adapters.openai.tokenizer", "make_tokenizer")
+    OpenAITTSEngine = _lazy("voxcore.adapters.openai.tts", "OpenAITTSEngine")
+    RedisCacheManager = _lazy("voxcore.adapters.redis.cache", "RedisCacheManager")
+    RedisConfig = _lazy("voxcore.adapters.redis.config", "RedisConfig")
+    RedisEmbeddingStore = _lazy("voxcore.adapters.redis.embedding_store", "RedisEmbeddingStore")
+    RedisKeyLeases = _lazy("voxcore.adapters.redis.lease", "RedisKeyLeases")
+    RedisRateLimiter = _lazy("voxcore.adapters.redis.rate_limit", "RedisRateLimiter")
+    CallRegistry = _lazy("voxcore.application.calls", "CallRegistry")
+    LLMContext = _lazy("voxcore.application.context", "LLMContext")
+    DualContextController = _lazy("voxcore.application.dual_context", "DualContextController")
+    EmbeddingCache = _lazy("voxcore.application.embedding_cache", "EmbeddingCache")
+    FaqMatcher = _lazy("voxcore.application.faq", "FaqMatcher")
+    HybridResponder = _lazy("voxcore.application.hybrid", "HybridResponder")
+    ConversationManager = _lazy("voxcore.application.manager", "ConversationManager")
+    start_call_span = _lazy("voxcore.application.manager", "start_call_span")
+    SharedSynthesis = _lazy("voxcore.application.shared_synthesis", "SharedSynthesis")
+    SpokenConversation = _lazy("voxcore.application.spoken", "SpokenConversation")
+    VoiceService = _lazy("voxcore.application.voice", "VoiceService")
+    AudioFormat = _lazy("voxcore.core.domain.audio", "AudioFormat")
+    DualContextPolicy = _lazy("voxcore.core.domain.dual_context", "DualContextPolicy")
+    CircuitBreaker = _lazy("voxcore.core.domain.resilience", "CircuitBreaker")
+    AgentVoiceSettings = _lazy("voxcore.core.domain.voice", "AgentVoiceSettings")
 
 _tracer = trace.get_tracer("voxcore.conversation")
 

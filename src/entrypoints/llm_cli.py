@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -138,6 +139,7 @@ def llm_errors_exit() -> Iterator[list[int]]:
             error=str(exc),
             transient=exc.transient,
         )
+        sys.stderr.write(f"voxcore: error: {type(exc).__name__}: {exc}\n")
         code[0] = EXIT_FAILED
 
 

@@ -31,7 +31,8 @@ from pydantic import (
 
 from voxcore.core.ports.errors import ConfigurationError
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# defer_build: the validators are built on first use, not at import (a host imports the container early)
+_STRICT = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 _REDIS_ENV = {
     "REDIS_URL": "url",
     "REDIS_HOST": "host",
