@@ -12,6 +12,7 @@ from typing import Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from voxcore.application.shared_synthesis import SharedSynthesis, SynthesisClaim
 from voxcore.core.domain.audio import plan_chunks, split_pcm
 from voxcore.core.domain.errors import DomainError
 from voxcore.core.domain.tts_text import tts_cache_key
@@ -56,6 +57,7 @@ class _Job:
     started: float
     first_byte_ms: float | None = None
     bytes: int = 0
+    claim: SynthesisClaim | None = None  # the cross-worker lease while this job synthesizes
 
     def elapsed_ms(self) -> float:
         return round((self.clock() - self.started) * 1000.0, 3)
@@ -216,6 +218,8 @@ class SpeechStream:
             await _close_quietly(source)
         if self._service is not None:
             self._service._streams.discard(self)
+            if job is not None and job.claim is not None:
+                await self._service._release_claim(job)  # after the cache write (or the failure)
         if job is None:
             return
         ms = job.elapsed_ms()
@@ -284,6 +288,10 @@ class VoiceService:
         default_agent: Settings for agents not in ``agents``; ``None`` answers ``unknown_agent``.
         rate_limiter: Per-user limit (subject ``tts:<user_id>``); ``None`` for no limit.
         cache: TTS cache (``tts:*`` keys from ``tts_cache_key``); ``None`` for no caching.
+        shared_synthesis: Cross-worker single flight of cache misses (a short lease per key, see
+            ``SharedSynthesis``): a request that finds another worker synthesizing the same key
+            plays that audio from the cache once stored (``cache_hit``) instead of synthesizing it
+            again. ``None``: every process synthesizes its own misses.
         clock: Monotonic seconds, for durations.
         tracer: OpenTelemetry tracer (default: the ``voxcore.voice`` one).
         check_timeout_s: Longest wait for one engine's ``check()`` in :meth:`start`.
@@ -302,6 +310,7 @@ class VoiceService:
         default_agent: AgentVoiceSettings | None = None,
         rate_limiter: RateLimiter | None = None,
         cache: AbstractAudioCache | None = None,
+        shared_synthesis: SharedSynthesis | None = None,
         clock: Callable[[], float] = time.perf_counter,
         tracer: trace.Tracer | None = None,
         check_timeout_s: float = 10.0,
@@ -337,6 +346,7 @@ class VoiceService:
         self._engines: dict[str, TTSEngine] = dict(engines)
         self._limiter = rate_limiter
         self._cache = cache
+        self._shared = shared_synthesis if cache is not None else None
         self._clock = clock
         self._tracer = tracer if tracer is not None else _tracer
         self._check_timeout_s = check_timeout_s
@@ -496,6 +506,8 @@ class VoiceService:
             span.end()
             raise
         if isinstance(admitted, SpeechResult):
+            if job.claim is not None:  # a lease taken for a synthesis that will not happen
+                await self._release_claim(job)
             return self._end_early(job, admitted)
         span.set_attribute("voxcore.tts.from_cache", job.from_cache)
         stream = SpeechStream(
@@ -524,6 +536,8 @@ class VoiceService:
         settings = job.settings
         job.key = self._cache_key(job, spoken)
         source = await self._cached(job, whole=whole)
+        if source is None:
+            source = await self._claim(job, whole=whole)
         if self._closed:  # closed while the limiter or the cache were answering
             if source is not None:
                 await _close_quietly(source)
@@ -599,6 +613,35 @@ class VoiceService:
         except Exception as exc:  # the port is soft by contract: treat a raising cache as a miss
             emit(logger, "tts_cache_error", logging.WARNING, agent=job.agent_id, error=_describe(exc))
             return None
+
+    async def _claim(self, job: _Job, *, whole: bool) -> AsyncIterator[bytes] | None:
+        """After a miss: take the key's lease (synthesize), or another worker's audio once stored."""
+        shared, key = self._shared, job.key
+        if shared is None or key is None:
+            return None
+        try:
+            claim = await shared.claim(key)
+        except Exception as exc:  # the ports are soft; one that raises must not block speech
+            emit(logger, "tts_cache_error", logging.WARNING, agent=job.agent_id, error=_describe(exc))
+            return None
+        if claim.stream is None:
+            job.claim = claim  # released when the stream ends, after its cache write
+            return None
+        if not whole:
+            return claim.stream
+        try:
+            chunks = [chunk async for chunk in claim.stream]
+        finally:
+            await claim.stream.aclose()
+        return _iterate(chunks) if chunks else None
+
+    async def _release_claim(self, job: _Job) -> None:
+        claim, job.claim = job.claim, None
+        if self._shared is not None and claim is not None:
+            try:
+                await self._shared.release(claim)
+            except Exception as exc:  # soft, like every port here
+                emit(logger, "tts_cache_error", logging.WARNING, agent=job.agent_id, error=_describe(exc))
 
     async def _store(self, job: _Job, parts: list[bytes]) -> bool:
         """Put a complete synthesis into the cache, in ``cache_chunk_ms`` chunks."""

@@ -308,6 +308,7 @@ async def voice_service(
         default_agent=agent_voice(v.default_agent) if v.default_agent else None,
         rate_limiter=limiter,
         cache=cache,
+        shared_synthesis=shared_synthesis(settings, cache, client),
     )
     await service.start()
     try:
@@ -318,8 +319,8 @@ async def voice_service(
 
 
 def shared_synthesis(settings: Settings, cache: RedisCacheManager, client: Any) -> SharedSynthesis | None:
-    """Cross-worker single flight of TTS misses (``voice.hybrid.synthesis_lease``), or ``None``."""
-    lease = settings.voice.hybrid.synthesis_lease
+    """Cross-worker single flight of TTS misses (``voice.synthesis_lease``), or ``None``."""
+    lease = settings.voice.synthesis_lease
     if not lease.enabled:
         return None
     return SharedSynthesis(

@@ -279,7 +279,6 @@ class HybridSettings(BaseModel):
     # Longest silence where a synthesized piece joins the next (edge silence trimmed to half each).
     join_pause_ms: int = Field(default=60, ge=0, le=1000)
     silence_threshold: int = Field(default=160, ge=0, le=32766)  # |sample| counted as silence
-    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class VoiceSettings(BaseModel):
@@ -300,6 +299,7 @@ class VoiceSettings(BaseModel):
     openai: OpenAITTSSettings = Field(default_factory=OpenAITTSSettings)
     espeak: EspeakSettings = Field(default_factory=EspeakSettings)
     hybrid: HybridSettings = Field(default_factory=HybridSettings)
+    synthesis_lease: SynthesisLeaseSettings = Field(default_factory=SynthesisLeaseSettings)
 
 
 class EmbeddingCacheSettings(BaseModel):

@@ -182,6 +182,7 @@ class CountingClient:
         return pipe
 
 
+@pytest.mark.all_redis_modes  # also on a Redis Cluster and a Sentinel set (make test-cluster)
 async def test_cache_over_redis_one_round_trip_per_batch(
     sim: OpenAISimulator, raw_redis: redis.Redis, key_prefix: str
 ) -> None:
@@ -211,6 +212,7 @@ async def test_cache_over_redis_one_round_trip_per_batch(
     await other.aclose()
 
 
+@pytest.mark.all_redis_modes  # also on a Redis Cluster and a Sentinel set (make test-cluster)
 async def test_foreign_values_are_misses_and_get_overwritten(
     sim: OpenAISimulator, raw_redis: redis.Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

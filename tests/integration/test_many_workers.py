@@ -115,3 +115,20 @@ async def test_a_worker_that_waits_too_long_synthesizes_itself(
         assert sim.request_count(AUDIO_SPEECH_PATH) == 2  # a duplicate synthesis, never a silent caller
     assert all(r["bytes"] > 0 for r in results)
     assert results[0]["sha1"] == results[1]["sha1"]  # the simulator's speech is deterministic
+
+
+async def test_two_workers_speaking_one_text_through_the_voice_service_synthesize_it_once(
+    redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
+) -> None:
+    async with OpenAISimulator(first_token_delay_ms=300) as sim:
+        base = {
+            "redis": spec(redis_target),
+            "prefix": key_prefix,
+            "tts_url": sim.base_url,
+            "text": "Добрый день, чем могу помочь?",
+            "wait_s": 10.0,
+        }
+        results = await run_workers("speak", [base, base], raw_redis, f"{key_prefix}go")
+        assert sim.request_count(AUDIO_SPEECH_PATH) == 1
+    assert sorted(r["reason"] for r in results) == ["cache_hit", "ok"]  # the loser got the cached audio
+    assert results[0]["bytes"] > 0 and results[0]["sha1"] == results[1]["sha1"]

@@ -22,8 +22,10 @@ from voxcore.adapters.redis.lease import RedisKeyLeases
 from voxcore.adapters.redis.rate_limit import RedisRateLimiter
 from voxcore.application.hybrid import HybridResponder
 from voxcore.application.shared_synthesis import SharedSynthesis
+from voxcore.application.voice import VoiceService
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.playlist import Playlist, TTSItem
+from voxcore.core.domain.voice import AgentVoiceSettings
 
 
 def config_from(spec: dict[str, Any]) -> RedisConfig:
@@ -87,7 +89,37 @@ async def synthesize(args: dict[str, Any]) -> dict[str, Any]:
         await client.aclose()
 
 
-COMMANDS = {"rate_limit": rate_limit, "synthesize": synthesize}
+async def speak(args: dict[str, Any]) -> dict[str, Any]:
+    """The voice service's path: ``synthesize_speech`` with the cache and the cross-worker lease."""
+    config = config_from(args["redis"])
+    client = config.build()
+    cache = RedisCacheManager(config, key_prefix=args["prefix"])
+    await cache.connect()
+    engine = OpenAITTSEngine(base_url=args["tts_url"], api_key="sk-simulator", timeout_s=10.0)
+    voice = VoiceService(
+        agents={"sales": AgentVoiceSettings(tts_enabled=True, engine="openai", voice="alloy")},
+        engines={"openai": engine},
+        cache=cache,
+        shared_synthesis=SharedSynthesis(
+            cache=cache,
+            leases=RedisKeyLeases(client, key_prefix=args["prefix"]),
+            wait_timeout_s=args["wait_s"],
+            poll_interval_s=0.02,
+        ),
+    )
+    try:
+        await wait_for_go(client, args["go"])
+        result = await voice.synthesize_speech("sales", args["text"], user_id="+79990001122")
+        audio = result.audio or b""
+        return {"reason": result.reason, "sha1": hashlib.sha1(audio).hexdigest(), "bytes": len(audio)}
+    finally:
+        await voice.aclose()
+        await engine.aclose()
+        await cache.close()
+        await client.aclose()
+
+
+COMMANDS = {"rate_limit": rate_limit, "synthesize": synthesize, "speak": speak}
 
 
 def main() -> None:
