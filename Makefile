@@ -41,7 +41,7 @@ speech-engine:
 
 lint: install
 	$(BIN)/lint-imports
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 
 typecheck: install
 	$(BIN)/mypy

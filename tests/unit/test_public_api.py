@@ -52,3 +52,23 @@ def test_the_library_logger_has_only_a_null_handler() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "['NullHandler']"
     assert logging.getLogger("voxcore").propagate is True
+
+
+def test_the_compose_files_commands_work() -> None:
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from voxcore.entrypoints.cli import build_parser
+
+    path = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+    text = path.read_text(encoding="utf-8")
+    services = yaml.safe_load(text)["services"]
+    assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")  # Jaeger v2
+    commands = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#   voxcore ")]
+    assert commands, "the compose file's comments lost their voxcore command"
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # exits (fails) on an unknown flag
+        assert args.telemetry is True
+    assert "OTEL_METRICS_EXPORTER=none" in text  # Jaeger takes traces only
