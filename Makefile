@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster lint typecheck unit integration bench clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser lint typecheck unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,3 +89,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The dashboard in headless Chromium (Debian chromium + chromium-driver; .ci/run installs them).
+test-browser: install
+	VOXCORE_TEST_BROWSER=1 $(BIN)/python -m pytest -q tests/browser

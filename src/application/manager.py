@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -17,7 +18,9 @@ from opentelemetry.trace import Link, Status, StatusCode
 from pydantic import BaseModel
 
 from voxcore.application.context import LLMContext
+from voxcore.application.dialogue import DialogueRecorder
 from voxcore.application.dual_context import DualContextController
+from voxcore.application.live_events import CallEvents
 from voxcore.core.domain.keys import session_hash, summary_key
 from voxcore.core.domain.models import (
     ConversationHistory,
@@ -178,6 +181,8 @@ class ConversationManager(AbstractConversationManager):
             Every turn and summary of the call is in its trace; :meth:`shutdown` ends it.
         record_text: Put the user's and the model's text on turn spans (attributes listed in
             :data:`TEXT_ATTRIBUTES`, marked droppable); off by default.
+        dialogue: Writes completed turns to the dialogue cache in the background (``None``: not kept).
+        events: Publishes the call's live events (``None``: none).
 
     Raises:
         ValueError: an empty model name or unsafe reply, or a non-positive TTL or token budget.
@@ -203,6 +208,8 @@ class ConversationManager(AbstractConversationManager):
         meter: metrics.Meter | None = None,
         call_span: trace.Span | None = None,
         record_text: bool = False,
+        dialogue: DialogueRecorder | None = None,
+        events: CallEvents | None = None,
     ) -> None:
         for name, value in (("main_model", main_model), ("summary_model", summary_model)):
             if not value:
@@ -235,6 +242,8 @@ class ConversationManager(AbstractConversationManager):
             call_span if call_span is not None else start_call_span(self._tracer, self._session_hash)
         )
         self._call_context = trace.set_span_in_context(self._call_span)
+        self._dialogue = dialogue
+        self._events = events
         if dual_context.summarizer is None:
             dual_context.bind_summarizer(self.summarize)
 
@@ -281,6 +290,14 @@ class ConversationManager(AbstractConversationManager):
         """The call's trace id (32 hex), or ``None`` when no tracing SDK is installed."""
         context = self._call_span.get_span_context()
         return format(context.trace_id, "032x") if context.is_valid else None
+    def dialogue(self) -> DialogueRecorder | None:
+        """The writer of this call's turns to the dialogue cache, if kept."""
+        return self._dialogue
+
+    @property
+    def events(self) -> CallEvents | None:
+        """This call's live events (a host adds its own, e.g. ``audio_started``), if published."""
+        return self._events
 
     # -- turns -----------------------------------------------------------------------------------------
 
@@ -349,6 +366,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.spoken = True
                         self._first_text(turn, span)
                         turn.chunks += 1
+                        if self._events is not None:
+                            self._events.answer_delta(self._unsafe_reply)
                         yield LLMStreamChunk(
                             text_chunk=self._unsafe_reply,
                             is_safe=False,
@@ -369,6 +388,8 @@ class ConversationManager(AbstractConversationManager):
                         turn.spoken = True
                         if turn.first_text_ms is None and not text.isspace():
                             self._first_text(turn, span)
+                        if self._events is not None:
+                            self._events.answer_delta(text)
                     turn.chunks += 1
                     yield out
                 with self._current(span):
@@ -422,11 +443,17 @@ class ConversationManager(AbstractConversationManager):
         self._turns += 1
         dual = self._dual
         dual.begin_turn()
-        dual.active_context.append(user_message)
+        stored_user = dual.active_context.append(user_message)
         dual.after_message()
-        dual.active_context.append(answer)
+        stored_answer = dual.active_context.append(answer)
         dual.after_message()
         emit(logger, "user_turn_answered", turn=self._turns, source=source, chars=len(answer_text))
+        if self._dialogue is not None:
+            self._record((stored_user, stored_answer), {"turn": self._turns, "source": source})
+        if self._events is not None:
+            self._events.turn_started(self._turns, user_message["content"])
+            self._events.answer_delta(answer_text)
+            self._events.turn_finished({"turn": self._turns, "outcome": "ok", "source": source})
 
     def _release(self, turn: _Turn, span: trace.Span) -> None:
         if span.is_recording():
@@ -444,6 +471,10 @@ class ConversationManager(AbstractConversationManager):
         emit(logger, "user_turn_start", logging.DEBUG, turn=turn.index, ratio=turn.ratio_before)
         dual.begin_turn()
         turn.user_message = dual.active_context.append(user_message)
+        if self._events is not None:
+            self._events.turn_started(turn.index, user_message["content"])
+            if dual.handovers != turn.handovers_before and dual.last_handover is not None:
+                self._events.handover(**dataclasses.asdict(dual.last_handover))
         dual.after_message()  # may start a warm-up task; never awaited here
         context = dual.active_context
         prompt = context.build_prompt()
@@ -461,8 +492,18 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
-        self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
+        answer = self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
         self._dual.after_message()
+        if self._dialogue is not None and turn.user_message is not None:
+            self._record(
+                (turn.user_message, answer),
+                {
+                    "turn": turn.index,
+                    "time_to_first_token_ms": turn.ttft_ms,
+                    "response_total_ms": turn.total_ms,
+                    "unsafe": turn.unsafe,
+                },
+            )
 
     def _finish(self, turn: _Turn, span: trace.Span) -> TurnMetrics:
         ratio_after = self._dual.active_context.estimate_usage_ratio()
@@ -507,7 +548,10 @@ class ConversationManager(AbstractConversationManager):
         if turn.ttft_ms is not None:
             span.set_attribute("voxcore.turn.time_to_first_token_ms", turn.ttft_ms)
             emit(logger, "time_to_first_token_ms", logging.DEBUG, turn=turn.index, ms=turn.ttft_ms)
-        return self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        metrics = self._metrics(turn, "ok", ratio_after, total_ms, handover_ms, rolled_back=False)
+        if self._events is not None:
+            self._events.turn_finished(dataclasses.asdict(metrics))
+        return metrics
 
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
         """End a turn that did not complete: roll it back as documented, log and record why."""
@@ -549,6 +593,21 @@ class ConversationManager(AbstractConversationManager):
             span.set_status(Status(StatusCode.ERROR, f"{error_type}: {exc}"))
         self._last_metrics = self._metrics(
             turn, outcome, ratio_after, self._ms_since(turn.started), handover_ms, rolled_back, error_type
+        )
+        if turn.user_message is not None and not rolled_back and self._dialogue is not None:
+            # The user message stays in the context (the caller heard part of an answer): keep it.
+            self._record((turn.user_message,), {"turn": turn.index, "outcome": outcome})
+        if self._events is not None:
+            if error_type is not None:
+                self._events.error(error_type, str(exc))
+            self._events.turn_finished(dataclasses.asdict(self._last_metrics))
+
+    def _record(self, messages: tuple[ConversationMessage, ...], figures: dict[str, Any]) -> None:
+        """Hand the messages the active context kept to the dialogue cache's background writer."""
+        assert self._dialogue is not None
+        context = self._dual.active_context
+        self._dialogue.record(
+            messages, history_length=context.message_count, summary=context.summary, figures=figures
         )
 
     def _metrics(
@@ -646,6 +705,8 @@ class ConversationManager(AbstractConversationManager):
             records = decode_records(text) if text is not None else ()
             cached = find_covering(records, digest=digest, messages=messages)
             span.set_attribute("voxcore.summary_cache.hit", cached is not None)
+            if self._events is not None:
+                self._events.summary_cache(hit=cached is not None, messages=messages)
             emit(
                 logger,
                 "summary_cache_check",
@@ -688,7 +749,13 @@ class ConversationManager(AbstractConversationManager):
             await self._dual.shutdown()
         finally:
             try:
-                await self._connection_manager.shutdown()
+                try:
+                    await self._connection_manager.shutdown()
+                finally:
+                    if self._dialogue is not None:
+                        await self._dialogue.aclose()  # pending turns are written first (bounded wait)
+                    if self._events is not None:
+                        self._events.call_ended(turns=self._turns)
                 emit(logger, "manager_shutdown", turns=self._turns)
             finally:
                 otel_context.detach(token)

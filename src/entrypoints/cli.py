@@ -151,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--report-dir", type=llm_cli.absolute_path, default=llm_cli.absolute_path("reports"))
     demo.set_defaults(handler=_demo)
 
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="live events over SSE and the call dashboard (uvicorn; needs the web extra)",
+        description="Serve GET /calls/{session_id}/events (SSE with exact resume), GET /index/events and "
+        "the dashboard at /dashboard until Ctrl-C. Prints serve_ready with the dashboard URL "
+        "(operator token).",
+    )
+    serve.add_argument("--host", default=None, help="address to bind (default: events.host, 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="port (default: events.port, 8765; 0: a free one)"
+    )
+    serve.add_argument(
+        "--embedded-redis-dir",
+        type=llm_cli.absolute_path,
+        default=None,
+        help="when a private redis-server is started, keep its data here (e.g. reports/.demo-redis)",
+    )
+    serve.set_defaults(handler=_serve)
+
     llm_cli.register(sub, common)
     _document_defaults(parser)
     return parser
@@ -355,6 +375,28 @@ async def _demo(args: argparse.Namespace) -> int:
     _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files})
     sys.stderr.write("demo output:\n" + "".join(f"  {f}\n" for f in files))
     return loaded or probed or talked
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    """Run the live events server until SIGINT/SIGTERM."""
+    try:
+        from voxcore.entrypoints.serve import serve
+    except ImportError as exc:  # the web extra is not installed
+        raise ConfigurationError(
+            f"voxcore serve needs the web extra (pip install 'voxcore[web]'): {exc}"
+        ) from exc
+    async with open_runtime(
+        config=args.config,
+        log_level=args.log_level or "INFO",
+        redis_url=args.redis_url,
+        embedded_redis=args.embedded_redis or args.embedded_redis_dir is not None,
+        embedded_data_dir=args.embedded_redis_dir,
+    ) as runtime:
+        events = runtime.settings.events
+        host = args.host or events.host
+        port = events.port if args.port is None else args.port
+        await serve(runtime, host=host, port=port)
+    return EXIT_OK
 
 
 async def _bench_stream_read(cache: Any, key: str) -> dict[str, float] | None:

@@ -14,10 +14,12 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import MappingProxyType
@@ -27,12 +29,16 @@ from dependency_injector import containers, providers
 from opentelemetry import trace
 
 from voxcore.core.domain.keys import session_hash
+from voxcore.core.domain.live_events import operator_token, session_token
 from voxcore.core.ports.errors import ConfigurationError
 from voxcore.entrypoints.lazy import lazy as _lazy
 from voxcore.entrypoints.logging import configure_logging, remove_logging
 from voxcore.entrypoints.manifest import numbers_manifest_path, read_manifest
 from voxcore.entrypoints.settings import AgentVoice, Settings, load_settings
 from voxcore.entrypoints.telemetry import Telemetry, setup_telemetry
+from voxcore.events import emit
+
+log = logging.getLogger("voxcore.container")
 
 # Adapters and use cases: imported for type checkers only; at run time each name is a _lazy stand-in
 # that imports its module on first call. A new one goes in both lists (tests/unit/test_public_api.py
@@ -49,15 +55,19 @@ if TYPE_CHECKING:
     from voxcore.adapters.openai.tts import OpenAITTSEngine
     from voxcore.adapters.redis.cache import RedisCacheManager
     from voxcore.adapters.redis.config import RedisConfig
+    from voxcore.adapters.redis.dialogue import RedisDialogueStore
     from voxcore.adapters.redis.embedding_store import RedisEmbeddingStore
     from voxcore.adapters.redis.lease import RedisKeyLeases
+    from voxcore.adapters.redis.live_events import RedisEventHub, RedisEventStreams, RedisLiveEventPublisher
     from voxcore.adapters.redis.rate_limit import RedisRateLimiter
     from voxcore.application.calls import CallRegistry
     from voxcore.application.context import LLMContext
+    from voxcore.application.dialogue import DialogueRecorder, restore_dialogue
     from voxcore.application.dual_context import DualContextController
     from voxcore.application.embedding_cache import EmbeddingCache
     from voxcore.application.faq import FaqMatcher
     from voxcore.application.hybrid import HybridResponder
+    from voxcore.application.live_events import CallEvents
     from voxcore.application.manager import ConversationManager, start_call_span
     from voxcore.application.shared_synthesis import SharedSynthesis
     from voxcore.application.spoken import SpokenConversation
@@ -91,6 +101,13 @@ else:
     RedisKeyLeases = _lazy("voxcore.adapters.redis.lease", "RedisKeyLeases")
     RedisRateLimiter = _lazy("voxcore.adapters.redis.rate_limit", "RedisRateLimiter")
     CallRegistry = _lazy("voxcore.application.calls", "CallRegistry")
+    RedisDialogueStore = _lazy("voxcore.adapters.redis.dialogue", "RedisDialogueStore")
+    RedisEventHub = _lazy("voxcore.adapters.redis.live_events", "RedisEventHub")
+    RedisEventStreams = _lazy("voxcore.adapters.redis.live_events", "RedisEventStreams")
+    RedisLiveEventPublisher = _lazy("voxcore.adapters.redis.live_events", "RedisLiveEventPublisher")
+    DialogueRecorder = _lazy("voxcore.application.dialogue", "DialogueRecorder")
+    restore_dialogue = _lazy("voxcore.application.dialogue", "restore_dialogue")
+    CallEvents = _lazy("voxcore.application.live_events", "CallEvents")
     LLMContext = _lazy("voxcore.application.context", "LLMContext")
     DualContextController = _lazy("voxcore.application.dual_context", "DualContextController")
     EmbeddingCache = _lazy("voxcore.application.embedding_cache", "EmbeddingCache")
@@ -208,18 +225,32 @@ async def closing_shared_connections(shared: SharedConnections) -> AsyncIterator
 
 async def open_conversation(
     session_id: str,
+    resume: bool = False,
     *,
     connection_factory: Callable[[], LLMConnectionManager[Any]],
     manager_factory: Callable[..., ConversationManager],
+    context_factory: Callable[..., LLMContext] | None = None,
+    dual_factory: Callable[..., DualContextController] | None = None,
+    settings: Settings | None = None,
+    dialogue_store: Any = None,
+    publisher: Any = None,
 ) -> ConversationManager:
     """Build one call's conversation with its connection already open and warm.
 
     The handshake happens here, before the first turn, so the first turn is as fast as the rest.
     Provider errors at the handshake (bad key, unknown endpoint) are raised as typed ``LLMError``s.
 
+    With ``resume=True`` the active context (summary + recent turns) is restored from the dialogue
+    cache, exactly as stored; a corrupt, foreign-version or unreadable record is refused with one
+    log line and the call starts fresh. Without it (or when nothing is stored) the conversation
+    starts empty and its first write replaces whatever the cache held for ``session_id``.
+
     The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
     and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
+    store = await _resolved(dialogue_store) if settings is not None else None
+    events_publisher = await _resolved(publisher) if settings is not None else None
+    restored = await restore_dialogue(store, session_id) if resume and store is not None else None
     call_span = start_call_span(_tracer, session_hash(session_id))
     try:
         with trace.use_span(call_span, end_on_exit=False):  # the warm-up task inherits this context
@@ -231,11 +262,135 @@ async def open_conversation(
         call_span.end()
         raise
     try:
-        return manager_factory(session_id=session_id, connection_manager=connection, call_span=call_span)
+        extra: dict[str, Any] = {}
+        if restored is not None:
+            assert context_factory is not None and dual_factory is not None
+            active = context_factory(history=restored.history, summary=restored.summary)
+            extra["dual_context"] = dual_factory(active=active)
+        if store is not None and settings is not None:
+            d = settings.dialogue
+            extra["dialogue"] = DialogueRecorder(
+                store=store,
+                session_id=session_id,
+                first_seq=restored.last_seq + 1 if restored is not None else 1,
+                replace=restored is None,
+                max_pending=d.max_messages,
+                drain_timeout_s=d.drain_timeout_s,
+            )
+        events = None
+        if events_publisher is not None and settings is not None:
+            events = CallEvents(
+                publisher=events_publisher, session_id=session_id, coalesce_ms=settings.events.coalesce_ms
+            )
+            extra["events"] = events
+        manager = manager_factory(
+            session_id=session_id, connection_manager=connection, call_span=call_span, **extra
+        )
     except BaseException:
         call_span.end()
         await connection.shutdown()
         raise
+    if events is not None and settings is not None:
+        events.call_started(
+            resumed=restored is not None,
+            restored_messages=len(restored.history) if restored is not None else 0,
+            model=settings.llm.models.main,
+        )
+    return manager
+
+
+async def _resolved(value: Any) -> Any:
+    """An async ``Resource`` injected into a ``Coroutine`` provider arrives as an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def events_secret_from(settings: Settings) -> str:
+    """``events.secret``, or a random one for this process (logged: tokens then work in this process only)."""
+    if settings.events.secret is not None and settings.events.secret.get_secret_value():
+        return settings.events.secret.get_secret_value()
+    emit(
+        log,
+        "events_secret_generated",
+        logging.WARNING,
+        reason="events.secret is not set (VOXCORE_EVENTS__SECRET): a random secret for this process; "
+        "tokens made by other processes will not open its events",
+    )
+    return secrets.token_hex(32)
+
+
+def event_streams_from(settings: Settings, client: Any, blocking_client: Any = None) -> RedisEventStreams:
+    """The Redis commands of the live events, with the settings' caps and TTL."""
+    e = settings.events
+    return RedisEventStreams(
+        client,
+        blocking_client,
+        key_prefix=settings.cache.key_prefix,
+        maxlen=e.stream_maxlen,
+        ttl_seconds=e.stream_ttl_seconds,
+        index_maxlen=e.index_maxlen,
+    )
+
+
+@asynccontextmanager
+async def dialogue_store(settings: Settings, client: Any) -> AsyncIterator[RedisDialogueStore | None]:
+    """The dialogue cache when ``dialogue.enabled``, else ``None``."""
+    d = settings.dialogue
+    if not d.enabled:
+        yield None
+        return
+    yield RedisDialogueStore(
+        client, ttl_seconds=d.ttl_seconds, max_messages=d.max_messages, key_prefix=settings.cache.key_prefix
+    )
+
+
+@asynccontextmanager
+async def event_publisher(settings: Settings, client: Any) -> AsyncIterator[RedisLiveEventPublisher | None]:
+    """The live events publisher when ``events.enabled`` (drained at shutdown), else ``None``."""
+    e = settings.events
+    if not e.enabled:
+        yield None
+        return
+    publisher = RedisLiveEventPublisher(
+        event_streams_from(settings, client),
+        queue_size=e.queue_size,
+        batch_size=e.batch_size,
+        drain_timeout_s=e.drain_timeout_s,
+    )
+    try:
+        yield publisher
+    finally:
+        await publisher.aclose()
+
+
+def blocking_redis_config(settings: Settings, config: RedisConfig) -> RedisConfig:
+    """The pub/sub pool's config: a socket timeout longer than one blocking read (redis-py issue 2807),
+    no transparent retry (a dropped connection must be seen, so subscribers replay what it missed)."""
+    block = settings.events.read_block_s
+    return dataclasses.replace(
+        config,
+        socket_timeout=block + max(config.socket_timeout, 1.0) + 2.0,
+        max_connections=2,
+        retries=0,
+        client_name="voxcore-events",
+    )
+
+
+@asynccontextmanager
+async def event_hub(settings: Settings, config: RedisConfig, client: Any) -> AsyncIterator[RedisEventHub]:
+    """The process's reader of live events (connects at its first subscriber); closed at shutdown."""
+    blocking = blocking_redis_config(settings, config).build()
+    e = settings.events
+    hub = RedisEventHub(
+        event_streams_from(settings, client, blocking),
+        read_block_s=e.read_block_s,
+        reconnect_grace_s=e.reconnect_grace_s,
+        retry_ms=e.retry_ms,
+    )
+    try:
+        yield hub
+    finally:
+        await hub.aclose()
+        await blocking.aclose()
 
 
 def agent_voice(agent: AgentVoice) -> AgentVoiceSettings:
@@ -478,15 +633,19 @@ async def open_spoken_conversation(
     engines: Any,
     converter: SoxrAudioConverter,
     faq: Any,
+    opener: Callable[..., Awaitable[ConversationManager]] | None = None,
 ) -> SpokenConversation:
     """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
 
     ``await conversation.shutdown()`` closes the call's connection and drains the responder.
     """
     matcher = await faq if inspect.isawaitable(faq) else faq
-    manager = await open_conversation(
-        session_id, connection_factory=connection_factory, manager_factory=manager_factory
-    )
+    if opener is not None:  # the container's open_conversation: dialogue cache and live events included
+        manager = await opener(session_id)
+    else:
+        manager = await open_conversation(
+            session_id, connection_factory=connection_factory, manager_factory=manager_factory
+        )
     try:
         responder = await open_hybrid_responder(
             settings=settings, cache=cache, engines=engines, converter=converter
@@ -598,6 +757,12 @@ class Container(containers.DeclarativeContainer):
         open_spoken_conversation: ``await container.open_spoken_conversation(session_id)`` -> a
             ``SpokenConversation``: ``respond(text)`` yields audio, from a FAQ recording (``faq_hit``)
             or the LLM's answer; ``await conversation.shutdown()`` closes it.
+        dialogue_store: The dialogue cache (``RedisDialogueStore``; ``None`` when disabled);
+            ``open_conversation(session_id, resume=True)`` restores a call from it.
+        event_publisher: The live events publisher (``None`` when disabled); drained at shutdown.
+        event_hub: The process's one pub/sub reader of live events (what ``voxcore serve`` reads).
+        event_token: ``container.event_token(session_id)`` -> the token that opens that call's events.
+        operator_token: ``container.operator_token()`` -> the token that opens every call's events.
     """
 
     config_path = providers.Dependency(instance_of=object, default=providers.Object(None))
@@ -652,17 +817,31 @@ class Container(containers.DeclarativeContainer):
         unsafe_reply=settings.provided.llm.unsafe_reply,
         record_text=settings.provided.telemetry.record_text,
     )
+
+    # Dialogue cache and live events
+    redis_client = providers.Resource(redis_client, redis_config)
+    dialogue_store = providers.Resource(dialogue_store, settings, redis_client)
+    event_publisher = providers.Resource(event_publisher, settings, redis_client)
+    event_hub = providers.Resource(event_hub, settings, redis_config, redis_client)
+    events_secret = providers.Singleton(events_secret_from, settings)
+    event_token = providers.Callable(session_token, events_secret)
+    operator_token = providers.Callable(operator_token, events_secret)
+
     open_conversation = providers.Coroutine(
         open_conversation,
         connection_factory=connection_manager.provider,
         manager_factory=conversation_manager.provider,
+        context_factory=llm_context.provider,
+        dual_factory=dual_context.provider,
+        settings=settings,
+        dialogue_store=dialogue_store,
+        publisher=event_publisher,
     )
     calls = providers.Resource(call_registry, open_conversation.provider)
 
     # Speech
     audio_converter = providers.Singleton(SoxrAudioConverter)
     tts_engines = providers.Resource(tts_engines, settings)
-    redis_client = providers.Resource(redis_client, redis_config)
     voice_service = providers.Resource(voice_service, settings, tts_engines, cache, redis_client)
     open_hybrid_responder = providers.Coroutine(
         open_hybrid_responder,
@@ -685,4 +864,5 @@ class Container(containers.DeclarativeContainer):
         engines=tts_engines,
         converter=audio_converter,
         faq=faq_matcher,
+        opener=open_conversation.provider,
     )

@@ -374,6 +374,41 @@ class LoggingSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class DialogueSettings(BaseModel):
+    """The dialogue cache: every call's completed turns kept in Redis so a call can resume elsewhere."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    ttl_seconds: PositiveInt = 30 * 24 * 3600  # refreshed by every write
+    max_messages: PositiveInt = 500  # newest messages kept per session (LTRIM)
+    drain_timeout_s: float = Field(default=2.0, ge=0.0)  # how long a call's end waits for pending writes
+
+
+class EventsSettings(BaseModel):
+    """Live call events (Redis Streams + pub/sub) and the SSE server / dashboard (``voxcore serve``)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    secret: SecretStr | None = None  # HMAC key of access tokens; VOXCORE_EVENTS__SECRET
+    stream_maxlen: PositiveInt = 10_000  # per session, approximate (MAXLEN ~)
+    stream_ttl_seconds: PositiveInt = 24 * 3600  # a session's stream outlives its last event by this
+    index_maxlen: PositiveInt = 10_000  # the index of calls started/ended
+    queue_size: PositiveInt = 10_000  # events held in process while Redis is slow or down
+    batch_size: PositiveInt = 256  # events per pipelined write
+    drain_timeout_s: float = Field(default=2.0, ge=0.0)
+    coalesce_ms: float = Field(default=50.0, ge=0.0)  # answer text deltas merged per event
+    heartbeat_s: float = Field(default=15.0, gt=0.0, le=15.0)
+    client_queue_size: PositiveInt = 1000  # live events buffered per SSE client before it is cut
+    send_timeout_s: PositiveFloat = 10.0  # a client that accepts no byte for this long is cut
+    retry_ms: PositiveInt = 1000  # the SSE retry: hint
+    read_block_s: PositiveFloat = 5.0  # one pub/sub read waits at most this (its pool's timeout is longer)
+    reconnect_grace_s: PositiveFloat = 1.0
+    host: str = "127.0.0.1"  # voxcore serve
+    port: int = Field(default=8765, ge=1, le=65535)
+
+
 class Settings(BaseModel):
     """All of voxcore's settings."""
 
@@ -389,6 +424,8 @@ class Settings(BaseModel):
     voice: VoiceSettings = Field(default_factory=VoiceSettings)
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     faq: FaqSettings = Field(default_factory=FaqSettings)
+    dialogue: DialogueSettings = Field(default_factory=DialogueSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
     #: The folder relative paths in the settings resolve against (the config file's folder).
     base_dir: str | None = None
 

@@ -67,3 +67,40 @@ def _non_empty(value: str, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidKeyError(f"{what} must be a non-empty string, got {value!r}")
     return value
+
+
+# -- per-session keys of the dialogue cache and the live events ------------------------------------
+# One hash tag per session (``{<session hash>}``): every key of a session lands in one Redis Cluster
+# slot, so a session's MULTI and its Lua script stay on one shard.
+
+DIALOGUE_PREFIX = "dialogue:"
+EVENTS_PREFIX = "events:"
+#: The stream listing calls as they start and end (one per deployment, not per session).
+EVENTS_INDEX_KEY = "events:index"
+#: The pub/sub channel announcing entries of :data:`EVENTS_INDEX_KEY`.
+EVENTS_INDEX_CHANNEL = "events:index:live"
+
+
+def session_tag(session_id: str) -> str:
+    """``{<session hash>}``: the Redis Cluster hash tag shared by all keys of one session."""
+    return "{" + session_hash(session_id) + "}"
+
+
+def dialogue_messages_key(session_id: str) -> str:
+    """Key of a session's stored messages: ``dialogue:{<hash>}:messages`` (a Redis List)."""
+    return f"{DIALOGUE_PREFIX}{session_tag(session_id)}:messages"
+
+
+def dialogue_summary_key(session_id: str) -> str:
+    """Key of a session's context mark (summary + where its history starts): ``dialogue:{<hash>}:summary``."""
+    return f"{DIALOGUE_PREFIX}{session_tag(session_id)}:summary"
+
+
+def events_stream_key(session_id: str) -> str:
+    """Key of a session's event stream: ``events:{<hash>}:stream`` (a Redis Stream)."""
+    return f"{EVENTS_PREFIX}{session_tag(session_id)}:stream"
+
+
+def events_channel(session_id: str) -> str:
+    """Pub/sub channel of a session's live events: ``events:{<hash>}:live``."""
+    return f"{EVENTS_PREFIX}{session_tag(session_id)}:live"
