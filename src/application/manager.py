@@ -83,11 +83,14 @@ class TurnMetrics:
         turn: 1-based index of the turn in this conversation.
         outcome: ``ok``; ``failed`` (an error ended it); ``closed`` (the consumer stopped early or
             the task was cancelled).
-        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it
-            (``None`` when the turn did not complete, or the client does not know).
+        time_to_first_token_ms: Request sent -> first streamed token, as the client measured it (also
+            for a turn that failed or was closed after it; ``None`` when no token came, or the client
+            does not know).
         client_ttft_ms: The same value as ``time_to_first_token_ms`` (the name it had before).
         time_to_first_text_ms: Turn start -> first speakable answer character handed to the consumer
             (the unsafe reply counts; ``None`` when none was).
+        server_deltas: Content deltas the server streamed (``None`` when the turn did not complete).
+        stream_total_ms: Request sent -> end of the stream, as the client measured it (``None`` likewise).
         response_total_ms: Turn start -> end of the stream (or of the turn, when it did not finish).
         context_ratio_before: Active context's usage ratio when the turn started.
         context_ratio_after: Active context's usage ratio when the turn ended.
@@ -115,6 +118,8 @@ class TurnMetrics:
     rolled_back: bool
     error_type: str | None = None
     time_to_first_text_ms: float | None = None
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +133,9 @@ class _Turn:
     handovers_before: int = 0
     ttft_ms: float | None = None  # request sent -> first token (the client's measure)
     first_text_ms: float | None = None  # turn start -> first speakable character
+    server_deltas: int | None = None
+    stream_total_ms: float | None = None
+    streamed: bool = False  # the client's stream of this turn was created
     connection_reused: bool | None = None
     total_ms: float | None = None
     chunks: int = 0
@@ -482,9 +490,11 @@ class ConversationManager(AbstractConversationManager):
         self._usage_ratio.record(turn.prompt_ratio)
         http_client = await self._connection_manager.get_client()
         turn.previous_result = self._llm_client.last_result
-        return self._llm_client.stream_structured_generate(
+        stream = self._llm_client.stream_structured_generate(
             http_client, prompt, self._main_model, self._response_model
         )
+        turn.streamed = True
+        return stream
 
     def _commit(self, turn: _Turn) -> None:
         """Add the full reply to the context active now (a handover may have happened meanwhile)."""
@@ -492,6 +502,10 @@ class ConversationManager(AbstractConversationManager):
         if result is not None and result is not turn.previous_result:
             turn.ttft_ms = result.ttft_ms
             turn.connection_reused = result.connection_reused
+            turn.server_deltas = result.chunks
+            turn.stream_total_ms = result.total_ms
+        elif turn.streamed:  # closed early (an unsafe answer): the first token still came
+            turn.ttft_ms = self._llm_client.last_ttft_ms
         answer = self._dual.active_context.append(make_message("assistant", "".join(turn.parts)))
         self._dual.after_message()
         if self._dialogue is not None and turn.user_message is not None:
@@ -556,6 +570,8 @@ class ConversationManager(AbstractConversationManager):
     def _abandon(self, turn: _Turn, span: trace.Span, exc: BaseException) -> None:
         """End a turn that did not complete: roll it back as documented, log and record why."""
         rolled_back = False
+        if turn.streamed and turn.ttft_ms is None:  # a stream that failed after its first token
+            turn.ttft_ms = self._llm_client.last_ttft_ms
         if turn.user_message is not None and not turn.spoken:
             rolled_back = self._dual.retract(turn.user_message)
         ratio_after = self._dual.active_context.estimate_usage_ratio()
@@ -636,6 +652,8 @@ class ConversationManager(AbstractConversationManager):
             unsafe=turn.unsafe,
             rolled_back=rolled_back,
             error_type=error_type,
+            server_deltas=turn.server_deltas,
+            stream_total_ms=turn.stream_total_ms,
         )
 
     def _handover_ms(self, turn: _Turn) -> float | None:

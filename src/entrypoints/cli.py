@@ -366,9 +366,14 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         probed = await _probe(runtime.container, probe_args)
         talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
+        if talked:  # a provider error: one JSON `error` line was printed; the call would only repeat it
+            return talked
         source = args.fragments or demo_manifest()
         specs = (read_manifest(source) if source.is_file() else []) + read_manifest(numbers_manifest())
-        call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+        with llm_cli.llm_errors_exit() as code:
+            call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+        if code[0]:
+            return code[0]
     files = sorted(
         str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started
     )  # fmt: skip

@@ -10,10 +10,12 @@ second pass every synthesized part comes from the TTS cache, which the report sh
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import shutil
+import sys
 import time
 import wave
 from collections.abc import AsyncIterator, Awaitable
@@ -28,8 +30,8 @@ from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.fragments import FragmentSpec
 from voxcore.core.domain.playlist import silence
 from voxcore.core.domain.russian import hybrid_amount_playlist, money_words
-from voxcore.core.ports.errors import ConfigurationError
-from voxcore.core.ports.tts import TTSEngine
+from voxcore.core.ports.errors import ConfigurationError, TTSError
+from voxcore.core.ports.tts import SpeechRequest, TTSEngine
 from voxcore.entrypoints.runtime import Runtime
 from voxcore.events import emit
 
@@ -39,6 +41,8 @@ T = TypeVar("T")
 #: Telephone-band audio (what a phone bot sends to a SIP/RTP gateway).
 CALL_FORMAT = AudioFormat(16_000, 1, 2)
 PAUSE_BETWEEN_TURNS_MS = 400
+#: The provider TTS start-up check gives up after this long.
+SPEECH_CHECK_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,24 @@ async def resolved(value: T | Awaitable[T]) -> T:
     return value
 
 
+async def speech_check(engine: TTSEngine, voice: str, model: str) -> str | None:
+    """The start-up check of a provider's TTS: its settings, then one short real synthesis.
+
+    Returns:
+        ``None`` when the engine speaks; else why not (e.g. the provider has no ``/audio/speech``:
+        404, or refuses the key: 401).
+    """
+    try:
+        await engine.check()
+        request = SpeechRequest(text="Проверка связи.", voice=voice, model=model)
+        async with asyncio.timeout(SPEECH_CHECK_TIMEOUT_S):
+            async for _ in engine.stream_speech(request):
+                pass
+    except (TTSError, ConfigurationError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
 def check_voice(runtime: Runtime) -> None:
     """Fail before the demo starts when it would have no real voice (see :func:`choose_engine`).
 
@@ -101,21 +123,48 @@ def check_voice(runtime: Runtime) -> None:
         )
 
 
-def choose_engine(runtime: Runtime, engines: dict[str, TTSEngine]) -> tuple[str, TTSEngine, str]:
-    """espeak-ng when its binary is installed (real Russian speech), else a configured provider's TTS.
+async def choose_engine(runtime: Runtime, engines: dict[str, TTSEngine]) -> tuple[str, TTSEngine, str]:
+    """The configured voice's engine when a real provider speaks, else espeak-ng (real Russian speech).
+
+    The voice is ``voice.hybrid.agent``'s (default: ``voice.default_agent``). A provider's TTS must pass
+    :func:`speech_check` first; when it fails (no ``/audio/speech``, a refused key), the demo says so
+    (event ``demo_tts_fallback`` and a line on stderr) and speaks with the local espeak-ng engine.
 
     Raises:
-        ConfigurationError: no espeak-ng and no real provider: the only voice left would be the
-            simulator's test tones, which the demo never passes off as speech.
+        ConfigurationError: no engine can speak: espeak-ng is not installed and no provider's TTS
+            works (the simulator's test tones are never passed off as speech).
     """
-    binary = runtime.settings.voice.espeak.binary
-    if shutil.which(binary):
+    settings = runtime.settings.voice
+    agent = settings.agents.get(settings.hybrid.agent or "") or settings.default_agent
+    binary = settings.espeak.binary
+    has_espeak = shutil.which(binary) is not None
+    wants_provider = agent is not None and agent.engine == "openai"
+    failure: str | None = None
+    if not runtime.on_simulator and (wants_provider or not has_espeak):
+        voice = agent.voice if agent is not None and agent.engine == "openai" else "alloy"
+        model = agent.model if agent is not None and agent.model else settings.openai.model
+        failure = await speech_check(engines["openai"], voice, model)
+        if failure is None:
+            return "openai", engines["openai"], voice
+        emit(
+            log,
+            "demo_tts_fallback",
+            logging.WARNING,
+            engine="openai",
+            reason=failure,
+            fallback="espeak-ng" if has_espeak else None,
+        )
+        if has_espeak:
+            sys.stderr.write(
+                f"the configured TTS engine (openai at {settings.openai.base_url or runtime.llm_target}) "
+                f"failed its start-up check ({failure}): the demo speaks with the local espeak-ng engine\n"
+            )
+    if has_espeak:
         return "espeak-ng", engines["espeak-ng"], "ru"
-    if not runtime.on_simulator:
-        return "openai", engines["openai"], "alloy"
     raise ConfigurationError(
         f"the demo speaks with espeak-ng, which is not installed ({binary!r} not on PATH): "
         "run `make demo` (it installs it) or `apt-get install espeak-ng`"
+        + (f"; the provider's TTS failed its start-up check too ({failure})" if failure else "")
     )
 
 
@@ -141,7 +190,7 @@ async def simulated_call(
     """Run the scripted call ``passes`` times; write ``demo_call_*.wav`` + ``.md`` + ``.json``."""
     container = runtime.container
     engines = await resolved(container.tts_engines())
-    engine_name, engine, voice = choose_engine(runtime, engines)
+    engine_name, engine, voice = await choose_engine(runtime, engines)
     cache = container.cache()
     fragments = "shipped recordings (espeak-ng/ru, scripts/make_speech_fragments.py)"
     emit(log, "demo_call_start", tts_engine=engine_name, voice=voice, fragments=fragments)

@@ -214,38 +214,110 @@ def _write(path: Path, text: str) -> Path:
 
 @dataclass
 class TurnRecord:
-    """One probed turn."""
+    """One probed turn (a failed one too: ``error_type`` and ``error`` say why).
+
+    ``time_to_first_text_ms`` is turn start -> first speakable answer character; ``time_to_first_token_ms``
+    request sent -> first streamed token (``client_ttft_ms`` repeats it under its former name);
+    ``server_deltas`` and ``stream_ms`` (request sent -> end of stream) are the client's.
+    """
 
     step: str
-    ttft_ms: float | None
-    client_ttft_ms: float | None
+    time_to_first_text_ms: float | None
+    time_to_first_token_ms: float | None
     total_ms: float
     chunks: int
     ratio_before: float
     ratio_after: float
     handover_ms: float | None
     reply: str
+    server_deltas: int | None = None
+    stream_ms: float | None = None
+    error_type: str | None = None
+    error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def client_ttft_ms(self) -> float | None:
+        """``time_to_first_token_ms`` under the name it had before."""
+        return self.time_to_first_token_ms
+
+    @property
+    def failed(self) -> bool:
+        return self.error_type is not None
+
+    def as_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["client_ttft_ms"] = self.time_to_first_token_ms
+        return data
 
 
 async def run_turn(manager: ConversationManager, text: str, step: str) -> TurnRecord:
-    """Stream one turn to the end and collect its numbers."""
+    """Stream one turn to the end and collect its numbers; a provider error is recorded, not raised."""
     reply: list[str] = []
-    async for chunk in manager.process_user_turn(text):
-        reply.append(chunk.text_chunk)
+    error: LLMError | None = None
+    try:
+        async for chunk in manager.process_user_turn(text):
+            reply.append(chunk.text_chunk)
+    except LLMError as exc:
+        error = exc
+        emit(
+            log,
+            "probe_turn_failed",
+            logging.WARNING,
+            step=step,
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
     metrics = manager.last_turn_metrics
-    assert metrics is not None
+    if metrics is None:  # failed before the turn began (cannot happen once a turn was opened)
+        assert error is not None
+        raise error
     return TurnRecord(
         step=step,
-        ttft_ms=metrics.time_to_first_token_ms,
-        client_ttft_ms=metrics.client_ttft_ms,
+        time_to_first_text_ms=metrics.time_to_first_text_ms,
+        time_to_first_token_ms=metrics.time_to_first_token_ms,
         total_ms=metrics.response_total_ms,
         chunks=metrics.chunks,
         ratio_before=metrics.context_ratio_before,
         ratio_after=metrics.context_ratio_after,
         handover_ms=metrics.handover_ms,
         reply="".join(reply),
+        server_deltas=metrics.server_deltas,
+        stream_ms=metrics.stream_total_ms,
+        error_type=type(error).__name__ if error is not None else None,
+        error=str(error) if error is not None else None,
     )
+
+
+def chunk_rate(turns: Sequence[TurnRecord]) -> float | None:
+    """Mean rate of the server's content deltas after the first token, deltas per second."""
+    rates = [
+        (t.server_deltas - 1) / ((t.stream_ms - t.time_to_first_token_ms) / 1000)
+        for t in turns
+        if t.server_deltas is not None
+        and t.server_deltas > 1
+        and t.stream_ms is not None
+        and t.time_to_first_token_ms is not None
+        and t.stream_ms > t.time_to_first_token_ms
+    ]
+    return statistics.fmean(rates) if rates else None
+
+
+def failed_lines(turns: Sequence[TurnRecord]) -> list[str]:
+    """The report's list of failed turns (empty when none failed)."""
+    failed = [t for t in turns if t.failed]
+    if not failed:
+        return []
+    lines = [
+        f"**failed turns: {len(failed)} of {len(turns)}**",
+        "",
+        "| turn | error type | error |",
+        "|---|---|---|",
+    ]
+    for t in failed:
+        message = (t.error or "").replace("|", "\\|").replace("\n", " ")[:300]
+        lines.append(f"| {t.step} | {t.error_type} | {message} |")
+    return [*lines, ""]
 
 
 # -- probe-llm ----------------------------------------------------------------------------------
@@ -269,16 +341,29 @@ async def probe_llm(args: argparse.Namespace) -> int:
                 )
             started = time.perf_counter()
             manager = await runtime.container.open_conversation(f"probe-llm-{int(time.time())}")
+            turns: list[TurnRecord] = []
             try:
-                turns = [await run_turn(manager, args.text, f"repeat {i + 1}") for i in range(args.repeats)]
+                for i in range(args.repeats):
+                    turns.append(await run_turn(manager, args.text, f"repeat {i + 1}"))
             finally:
                 await manager.shutdown()
-            elapsed = time.perf_counter() - started
-            path = _write(
-                args.report_dir / f"llm_probe_{_stamp().strftime('%Y-%m-%dT%H-%M-%S')}.md",
-                _probe_report(runtime, model, args, turns, recorder, elapsed),
+                # Always written, however many turns failed (and whatever ended the loop).
+                elapsed = time.perf_counter() - started
+                path = _write(
+                    args.report_dir / f"llm_probe_{_stamp().strftime('%Y-%m-%dT%H-%M-%S')}.md",
+                    _probe_report(runtime, model, args, turns, recorder, elapsed),
+                )
+            failed = sum(t.failed for t in turns)
+            emit(
+                log,
+                "probe_llm_done",
+                report=str(path),
+                turns=len(turns),
+                failed_turns=failed,
+                llm=runtime.llm_target,
             )
-            emit(log, "probe_llm_done", report=str(path), turns=len(turns), llm=runtime.llm_target)
+            if failed:
+                code[0] = EXIT_FAILED
     return code[0]
 
 
@@ -290,14 +375,11 @@ def _probe_report(
     recorder: EventRecorder,
     elapsed_s: float,
 ) -> str:
-    ttft = stats([t.client_ttft_ms for t in turns if t.client_ttft_ms is not None])
-    turn_ttft = stats([t.ttft_ms for t in turns if t.ttft_ms is not None])
-    total = stats([t.total_ms for t in turns])
-    rates = [
-        (t.chunks - 1) / ((t.total_ms - t.ttft_ms) / 1000)
-        for t in turns
-        if t.ttft_ms is not None and t.total_ms > t.ttft_ms and t.chunks > 1
-    ]
+    first_text = stats([t.time_to_first_text_ms for t in turns if t.time_to_first_text_ms is not None])
+    ttft = stats([t.time_to_first_token_ms for t in turns if t.time_to_first_token_ms is not None])
+    total = stats([t.total_ms for t in turns if not t.failed])
+    rate = chunk_rate(turns)
+    failed = sum(t.failed for t in turns)
     handshake = recorder.named("conn_handshake_finish")
     dual = _dual_timings(recorder)
     provider = (
@@ -310,33 +392,44 @@ def _probe_report(
         f"# LLM probe — {_stamp().strftime('%Y-%m-%d %H:%M:%S UTC')}",
         "",
         f"- provider: {provider}",
-        f"- model: `{model}`; repeats: {len(turns)}; prompt: «{args.text}»",
+        f"- model: `{model}`; turns: {len(turns)} of {args.repeats} ({failed} failed); prompt: «{args.text}»",
         f"- context window: {runtime.settings.llm.context_window_tokens} tokens; "
         f"wall time: {elapsed_s:.2f} s",
         "",
         "| metric | p50 | p95 | mean |",
         "|---|---:|---:|---:|",
-        _stats_row("TTFT (request sent -> first token)", ttft),
-        _stats_row("turn start -> first chunk", turn_ttft),
-        _stats_row("total response", total),
+        _stats_row("time_to_first_text_ms (turn start -> first speakable character)", first_text),
+        _stats_row("time_to_first_token_ms — TTFT (request sent -> first token)", ttft),
+        _stats_row("total response (turns that completed)", total),
+        "",
+        "Figures over the turns that produced them.",
         "",
         f"- handshake: {_fmt(handshake[0]['ms']) if handshake else '-'}",
-        f"- chunk rate: {_fmt(statistics.fmean(rates) if rates else None, ' chunks/s')}",
+        f"- chunk rate: {_fmt(rate, ' deltas/s')} (the server's content deltas after the first token)",
         f"- dual context: {dual['warmups_started']} warm-up(s) (first at ratio "
         f"{dual['warmup_start_ratio']}), ready after {dual['warmup_ready_ms']} ms; "
         f"{dual['handovers']} handover(s), {dual['handover_ms_since_ready']} ms after ready, "
         f"taking {dual['handover_ms']} ms",
         "",
-        "| # | TTFT ms | total ms | chunks | context before | after | handover ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| # | first text ms | TTFT ms | total ms | deltas | context before | after | handover ms | outcome"
+        " |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, t in enumerate(turns, 1):
         lines.append(
-            f"| {i} | {_fmt(t.client_ttft_ms, '')} | {t.total_ms:.1f} | {t.chunks} | {t.ratio_before:.3f} | "
-            f"{t.ratio_after:.3f} | {_fmt(t.handover_ms, '', 3)} |"
+            f"| {i} | {_fmt(t.time_to_first_text_ms, '')} | {_fmt(t.time_to_first_token_ms, '')} | "
+            f"{t.total_ms:.1f} | {t.server_deltas if t.server_deltas is not None else '-'} | "
+            f"{t.ratio_before:.3f} | {t.ratio_after:.3f} | {_fmt(t.handover_ms, '', 3)} | "
+            f"{t.error_type or 'ok'} |"
         )
+    lines.append("")
+    lines += failed_lines(turns)
     verdict = "OK" if ttft["p50"] is not None and ttft["p50"] < TTFT_TARGET_MS else "FAIL"
-    lines += ["", f"TTFT p50: {_fmt(ttft['p50'])} (target < {TTFT_TARGET_MS:.0f} ms) — {verdict}", ""]
+    lines += [
+        f"time_to_first_text_ms p50: {_fmt(first_text['p50'])}",
+        f"TTFT p50: {_fmt(ttft['p50'])} (target < {TTFT_TARGET_MS:.0f} ms) — {verdict}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -359,7 +452,16 @@ async def probe_agent(args: argparse.Namespace) -> int:
             md_path = args.report_dir / f"llm_agent_{stamp}.md"
             _write(json_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
             _write(md_path, _agent_markdown(report))
-            emit(log, "probe_agent_done", report=str(md_path), ttft_p50_ms=report["ttft"]["p50"])
+            emit(
+                log,
+                "probe_agent_done",
+                report=str(md_path),
+                ttft_p50_ms=report["ttft"]["p50"],
+                time_to_first_text_p50_ms=report["time_to_first_text"]["p50"],
+                failed_turns=report["failed_turns"],
+            )
+            if report["failed_turns"]:
+                code[0] = EXIT_FAILED
     return code[0]
 
 
@@ -390,7 +492,7 @@ async def _agent_scenario(
             summary_runs.append(await _timed_summary(replay, history, label, recorder))
         finally:
             await replay.shutdown()
-    ttft = stats([t.client_ttft_ms for t in turns if t.client_ttft_ms is not None])
+    ttft = stats([t.time_to_first_token_ms for t in turns if t.time_to_first_token_ms is not None])
     return {
         "generated_at": _stamp().isoformat(),
         "provider": "simulator" if runtime.on_simulator else runtime.llm_target,
@@ -401,10 +503,14 @@ async def _agent_scenario(
         "redis": runtime.redis_target,
         "context_window_tokens": runtime.settings.llm.context_window_tokens,
         "handshake_ms": [round(h["ms"], 1) for h in recorder.named("conn_handshake_finish")],
-        "turns": [t.__dict__ for t in turns],
+        "turns": [t.as_json() for t in turns],
+        "failed_turns": sum(t.failed for t in turns),
+        "time_to_first_text": stats(
+            [t.time_to_first_text_ms for t in turns if t.time_to_first_text_ms is not None]
+        ),
         "ttft": ttft,
-        "turn_ttft": stats([t.ttft_ms for t in turns if t.ttft_ms is not None]),
-        "total": stats([t.total_ms for t in turns]),
+        "total": stats([t.total_ms for t in turns if not t.failed]),
+        "chunk_rate_deltas_per_s": chunk_rate(turns),
         "context_usage": [{"step": t.step, "before": t.ratio_before, "after": t.ratio_after} for t in turns],
         "dual_context": _dual_timings(recorder),
         "summary_cache": summary_runs,
@@ -418,7 +524,28 @@ async def _timed_summary(
 ) -> dict[str, Any]:
     checks_before = len(recorder.named("summary_cache_check"))
     started = time.perf_counter()
-    summary = await manager.summarize(history)
+    try:
+        summary = await manager.summarize(history)
+    except LLMError as exc:
+        ms = (time.perf_counter() - started) * 1000
+        emit(
+            log,
+            "summary_step",
+            logging.WARNING,
+            label=label,
+            hit=False,
+            ms=round(ms, 1),
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
+        return {
+            "run": label,
+            "hit": False,
+            "ms": round(ms, 1),
+            "summary": "",
+            "error_type": type(exc).__name__,
+            "error": str(exc),
+        }
     ms = (time.perf_counter() - started) * 1000
     checks = recorder.named("summary_cache_check")[checks_before:]
     hit = bool(checks and checks[-1]["hit"])
@@ -441,6 +568,18 @@ async def demo_dialogue(runtime: Runtime, *, report_dir: Path) -> int:
         )
         md = _write(args.report_dir / f"demo_dialogue_{stamp}.md", _agent_markdown(report))
         emit(log, "demo_dialogue_done", report=str(md), ttft_p50_ms=report["ttft"]["p50"])
+        failed = [t for t in report["turns"] if t["error_type"]]
+        if failed:  # the provider failed a turn: one error line (the report lists every failure)
+            emit(
+                log,
+                "error",
+                logging.ERROR,
+                error_type=failed[0]["error_type"],
+                error=failed[0]["error"],
+                failed_turns=len(failed),
+                report=str(md),
+            )
+            code[0] = EXIT_FAILED
     return code[0]
 
 
@@ -460,20 +599,41 @@ def _agent_markdown(report: dict[str, Any]) -> str:
         f"- Redis: {report['redis']}; summary key `{report['session_key']}`",
         f"- context window: {report['context_window_tokens']} tokens; handshake: {report['handshake_ms']} ms",
         "",
-        "| step | TTFT ms | total ms | chunks | context before | after | handover ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for t in report["turns"]:
-        lines.append(
-            f"| {t['step']} | {_fmt(t['client_ttft_ms'], '')} | {t['total_ms']:.1f} | {t['chunks']} | "
-            f"{t['ratio_before']:.3f} | {t['ratio_after']:.3f} | {_fmt(t['handover_ms'], '', 3)} |"
-        )
-    lines += [
-        "",
         "| metric | p50 | p95 | mean |",
         "|---|---:|---:|---:|",
-        _stats_row("TTFT", ttft),
-        _stats_row("total response", total),
+        _stats_row(
+            "time_to_first_text_ms (turn start -> first speakable character)", report["time_to_first_text"]
+        ),
+        _stats_row("time_to_first_token_ms — TTFT (request sent -> first token)", ttft),
+        _stats_row("total response (turns that completed)", total),
+        "",
+        f"- chunk rate: {_fmt(report['chunk_rate_deltas_per_s'], ' deltas/s')} (the server's content deltas)",
+        "",
+        "| step | first text ms | TTFT ms | total ms | deltas | context before | after | handover ms "
+        "| outcome |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in report["turns"]:
+        deltas = t["server_deltas"] if t["server_deltas"] is not None else "-"
+        lines.append(
+            f"| {t['step']} | {_fmt(t['time_to_first_text_ms'], '')} | "
+            f"{_fmt(t['time_to_first_token_ms'], '')} | "
+            f"{t['total_ms']:.1f} | {deltas} | {t['ratio_before']:.3f} | {t['ratio_after']:.3f} | "
+            f"{_fmt(t['handover_ms'], '', 3)} | {t['error_type'] or 'ok'} |"
+        )
+    failed = [t for t in report["turns"] if t["error_type"]]
+    if failed:
+        lines += [
+            "",
+            f"**failed turns: {len(failed)} of {len(report['turns'])}**",
+            "",
+            "| turn | error type | error |",
+            "|---|---|---|",
+        ]
+        for t in failed:
+            message = (t["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
+            lines.append(f"| {t['step']} | {t['error_type']} | {message} |")
+    lines += [
         "",
         f"Dual context: {dual['warmups_started']} warm-up(s) (first at ratio {dual['warmup_start_ratio']}), "
         f"ready after {dual['warmup_ready_ms']} ms; {dual['handovers']} handover(s) "
@@ -483,7 +643,8 @@ def _agent_markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|",
     ]
     for run in report["summary_cache"]:
-        lines.append(f"| {run['run']} | {'hit' if run['hit'] else 'miss'} | {run['ms']:.1f} |")
+        cache = run["error_type"] if run.get("error_type") else ("hit" if run["hit"] else "miss")
+        lines.append(f"| {run['run']} | {cache} | {run['ms']:.1f} |")
     verdict = "OK" if report["ttft_ok"] else "FAIL"
     lines += [
         "",
@@ -533,7 +694,7 @@ async def sandbox_run(args: argparse.Namespace) -> int:
                 manager = await container.open_conversation("sandbox-manager")
                 try:
                     turn = await run_turn(manager, "Здравствуйте! Расскажите коротко о себе.", "sandbox")
-                    emit(log, "sandbox_turn", **{k: v for k, v in turn.__dict__.items() if k != "extra"})
+                    emit(log, "sandbox_turn", **{k: v for k, v in turn.as_json().items() if k != "extra"})
                 finally:
                     await manager.shutdown()
     return code[0]

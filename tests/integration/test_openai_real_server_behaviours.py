@@ -151,7 +151,10 @@ async def test_503_exposes_retry_after(sim: OpenAISimulator, http: httpx.AsyncCl
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memory() -> None:
+def _fresh_memory() -> Iterator[None]:
+    # What `auto` learned is process-wide per base URL, and ports are reused: leave nothing behind.
+    forget_learned()
+    yield
     forget_learned()
 
 

@@ -209,6 +209,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
             "server.port": config.server_port,
         }
         self._last_result: GenerationResult | None = None
+        self._last_ttft_ms: float | None = None
         self._tolerance_logged = False
 
     @property
@@ -220,6 +221,11 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
     def last_result(self) -> GenerationResult | None:
         """The result of the most recent successful stream (``None`` before any)."""
         return self._last_result
+
+    @property
+    def last_ttft_ms(self) -> float | None:
+        """Request sent -> first token of the most recent stream, also one that failed or was closed."""
+        return self._last_ttft_ms
 
     def _attributes(self, model: str, *, stream: bool, max_tokens: int) -> dict[str, Any]:
         config = self._config
@@ -482,6 +488,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         )
         gate = gate_for(config.base_url, config.max_concurrent_requests)
         slot: Slot | None = None
+        self._last_ttft_ms = None
         sent = clock()
         now = loop.time()
         # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
@@ -549,6 +556,7 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                     if first_at is None:
                                         first_at = clock()
                                         ttft_s = first_at - sent
+                                        self._last_ttft_ms = round(ttft_s * 1000, 3)
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
                                         self._ttfc.record(ttft_s, self._metric_attributes(model))
                                         loop.call_soon(

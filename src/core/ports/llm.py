@@ -100,6 +100,16 @@ class AbstractLLMClient(abc.ABC, Generic[ClientT]):
     def last_result(self) -> GenerationResult | None:
         """The result of the most recent completed stream of this client (``None`` before any)."""
 
+    @property
+    def last_ttft_ms(self) -> float | None:
+        """Request sent -> first token of the most recent stream, set as soon as that token arrives.
+
+        Unlike :attr:`last_result` it is known for a stream that later failed or was closed early (an
+        unsafe answer); ``None`` while a new stream still waits for its first token, or when the
+        client does not measure it (this default).
+        """
+        return None
+
 
 class AbstractLLMContext(abc.ABC):
     """One conversation's history and prompt assembly (SPEC-LLM-1 §4.3)."""
