@@ -6,9 +6,11 @@ rotel receives OTLP over gRPC and HTTP, batches, and exports OTLP/HTTP to a
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +34,16 @@ def rotel_binary() -> Path:
     import rotel
 
     return Path(rotel.__file__).parent / "rotel-agent"
+
+
+def rotel_environment() -> dict[str, str]:
+    """The agent embeds this interpreter's libpython: let the loader find it where Python keeps it
+    (pyenv builds keep it in their own lib folder, not on the system path)."""
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libdir), env.get("LD_LIBRARY_PATH")]))
+    return env
 
 
 def _listening(port: int) -> bool:
@@ -66,6 +78,7 @@ def rotel_collector(tmp_path: Path) -> Iterator[Collector]:
             ],  # fmt: skip
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=rotel_environment(),
         )
         try:
             deadline = time.monotonic() + 15
