@@ -86,6 +86,7 @@ bench: install
 	$(BIN)/python bench/bench_import.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_events.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -97,14 +97,16 @@ class ServeProcess:
             **self.env,
         }
         env.pop("REDIS_URL", None)
+        # A cluster or Sentinel deployment comes in through the settings' environment (env), not a URL.
+        standalone = env.get("VOXCORE_REDIS__MODE", "standalone") == "standalone"
+        where = ["--redis-url", self.redis_url] if standalone else []
         self._proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "voxcore.entrypoints.cli",
                 "serve",
-                "--redis-url",
-                self.redis_url,
+                *where,
                 "--port",
                 str(self.port),
                 "--log-level",

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -350,6 +351,9 @@ async def _demo(args: argparse.Namespace) -> int:
     probe_args = argparse.Namespace(
         key="static:test_example", wav=None, chunk_ms=args.chunk_ms, concurrency=5, rounds=10, text_ttl=2.0
     )
+    # Tokens of the dashboard stay valid for a later `voxcore serve` on the demo's data: the demo keeps
+    # its events secret beside its Redis data (unless one is configured).
+    secret_file = demo_events_secret(args.report_dir / ".demo-redis")
     async with open_runtime(
         config=args.config,
         log_level=args.log_level or "INFO",
@@ -365,21 +369,68 @@ async def _demo(args: argparse.Namespace) -> int:
             runtime.container, fragments, args.chunk_ms, str(args.fragments or "shipped")
         )
         probed = await _probe(runtime.container, probe_args)
-        talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
-        if talked:  # a provider error: one JSON `error` line was printed; the call would only repeat it
-            return talked
-        source = args.fragments or demo_manifest()
-        specs = (read_manifest(source) if source.is_file() else []) + read_manifest(numbers_manifest())
-        with llm_cli.llm_errors_exit() as code:
-            call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
-        if code[0]:
-            return code[0]
+        async with _demo_dashboard(runtime) as dashboard:
+            talked = await llm_cli.demo_dialogue(runtime, report_dir=args.report_dir)
+            if talked:  # a provider error: one JSON `error` line was printed; the call would repeat it
+                return talked
+            source = args.fragments or demo_manifest()
+            specs = (read_manifest(source) if source.is_file() else []) + read_manifest(numbers_manifest())
+            with llm_cli.llm_errors_exit() as code:
+                call = await demo.simulated_call(runtime, report_dir=args.report_dir, specs=specs)
+            if code[0]:
+                return code[0]
+        later: tuple[str, str] | None = None
+        if dashboard is not None and secret_file is not None and args.redis_url is None:
+            from voxcore.entrypoints.web import dashboard_url
+
+            port = runtime.settings.events.port
+            later = (
+                f"VOXCORE_EVENTS__SECRET=$(cat {secret_file}) voxcore serve "
+                f"--embedded-redis-dir {args.report_dir / '.demo-redis'} --port {port}",
+                dashboard_url("127.0.0.1", port, runtime.container.operator_token()),
+            )
     files = sorted(
         str(p) for p in args.report_dir.glob("*") if p.is_file() and p.stat().st_mtime >= started
     )  # fmt: skip
-    _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files})
+    _print_json({"event": "demo_done", "call_audio": call["wav"], "files": files, "dashboard": dashboard})
     sys.stderr.write("demo output:\n" + "".join(f"  {f}\n" for f in files))
+    if dashboard is not None:
+        sys.stderr.write(f"dashboard of the demo's calls (served while the demo ran):\n  {dashboard}\n")
+    if later is not None:
+        sys.stderr.write(f"to browse them again (the demo's Redis keeps them):\n  {later[0]}\n  {later[1]}\n")
     return loaded or probed or talked
+
+
+def demo_events_secret(folder: Path) -> Path | None:
+    """Set ``VOXCORE_EVENTS__SECRET`` for the demo from ``folder/events.secret`` (made once) unless set."""
+    if os.environ.get("VOXCORE_EVENTS__SECRET"):
+        return None
+    path = folder / "events.secret"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+        path.chmod(0o600)
+    os.environ["VOXCORE_EVENTS__SECRET"] = path.read_text(encoding="utf-8").strip()
+    return path
+
+
+@asynccontextmanager
+async def _demo_dashboard(runtime: Any) -> AsyncIterator[str | None]:
+    """The dashboard served while the demo runs (``None`` without the web extra or live events)."""
+    if not runtime.settings.events.enabled:
+        yield None
+        return
+    try:
+        from voxcore.entrypoints.serve import serving_in_background
+    except ImportError:  # the web extra is not installed: the demo runs without its dashboard
+        reason = "the web extra (starlette, sse-starlette, uvicorn) is missing"
+        emit(log, "demo_dashboard_skipped", reason=reason)
+        yield None
+        return
+    async with serving_in_background(runtime) as url:
+        emit(log, "demo_dashboard", url=url)
+        sys.stderr.write(f"dashboard (live while the demo runs): {url}\n")
+        yield url
 
 
 async def _serve(args: argparse.Namespace) -> int:

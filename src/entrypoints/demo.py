@@ -266,6 +266,7 @@ async def _play_step(
         audio += chunk
     metrics = responder.last_metrics
     llm = manager.last_turn_metrics
+    _publish_reply(manager, metrics)
     history = manager.active_context.get_history_for_summary()
     reply = " ".join(history[-1]["content"].split()) if history else ""
     record = StepRecord(
@@ -289,6 +290,23 @@ async def _play_step(
     )
     emit(log, "demo_call_step", **{k: v for k, v in record.__dict__.items() if k != "extra"})
     return record
+
+
+def _publish_reply(manager: ConversationManager, metrics: Any) -> None:
+    """The reply's audio figures and items as live events of the call (the dashboard shows them)."""
+    events = manager.events
+    if events is None or metrics is None:
+        return
+    if metrics.time_to_first_audio_ms is not None:
+        events.audio_started(
+            metrics.time_to_first_audio_ms, playlist_first_audio_ms=metrics.playlist_first_audio_ms
+        )
+    if metrics.hits:
+        events.hybrid_item(kind="hit", count=metrics.hits)
+    if metrics.misses:
+        events.hybrid_item(kind="tts", count=metrics.misses, tts_ttfb_ms=metrics.tts_ttfb_ms)
+    for item in metrics.degraded_items:
+        events.hybrid_item(kind="miss", item=item)
 
 
 def hybrid_text(amount: int) -> str:

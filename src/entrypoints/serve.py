@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
@@ -21,11 +23,7 @@ async def _resolved(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) else value
 
 
-async def serve(runtime: Runtime, *, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    """Serve the SSE endpoints and the dashboard until SIGINT/SIGTERM.
-
-    Prints (logs) ``serve_ready`` with the dashboard URL carrying the operator token.
-    """
+async def _server(runtime: Runtime, *, host: str, port: int) -> uvicorn.Server:
     container = runtime.container
     hub = await _resolved(container.event_hub())
     try:
@@ -41,24 +39,58 @@ async def serve(runtime: Runtime, *, host: str, port: int, ready: asyncio.Event 
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=2,
-        # An SSE response never ends by itself: do not let keep-alive bookkeeping hold a restart.
         timeout_keep_alive=5,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve(), name="uvicorn")
+    return uvicorn.Server(config)
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None], port: int) -> int | None:
+    """Wait until uvicorn listens; the bound port (``None``: it stopped before listening)."""
     while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has no "started" event)
         await asyncio.sleep(0.02)
-    if server.started:
-        bound = port
-        with contextlib.suppress(Exception):
-            bound = server.servers[0].sockets[0].getsockname()[1]
+    if not server.started:
+        return None
+    with contextlib.suppress(Exception):
+        return int(server.servers[0].sockets[0].getsockname()[1])
+    return port
+
+
+async def serve(runtime: Runtime, *, host: str, port: int) -> None:
+    """Serve the SSE endpoints and the dashboard until SIGINT/SIGTERM.
+
+    Logs ``serve_ready`` with the dashboard URL carrying the operator token.
+    """
+    server = await _server(runtime, host=host, port=port)
+    task = asyncio.get_running_loop().create_task(server.serve(), name="uvicorn")
+    bound = await _started(server, task, port)
+    if bound is not None:
         emit(
             log,
             "serve_ready",
             url=f"http://{host}:{bound}",
-            dashboard=dashboard_url(host, bound, container.operator_token()),
+            dashboard=dashboard_url(host, bound, runtime.container.operator_token()),
             redis=runtime.redis_target,
         )
-        if ready is not None:
-            ready.set()
     await task
+
+
+@asynccontextmanager
+async def serving_in_background(
+    runtime: Runtime, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve while the block runs (the demo's dashboard); yields the dashboard URL (operator token).
+
+    uvicorn's signal handlers are not installed: the host process keeps its own (Ctrl-C stays its).
+    """
+    server = await _server(runtime, host=host, port=port)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.get_running_loop().create_task(server.serve(), name="uvicorn-background")
+    try:
+        bound = await _started(server, task, port)
+        if bound is None:
+            raise RuntimeError(f"the dashboard server did not start on {host}:{port}")
+        yield dashboard_url(host, bound, runtime.container.operator_token())
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)

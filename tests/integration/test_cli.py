@@ -14,7 +14,9 @@ import redis
 
 from tests.conftest import RedisTarget
 from tests.unit.test_audio_domain import make_wav
+from voxcore.core.domain.keys import events_stream_key
 from voxcore.entrypoints.cli import demo_manifest, example_wav, numbers_manifest
+from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.manifest import read_manifest
 
 VOXCORE = [sys.executable, "-m", "voxcore.entrypoints.cli"]
@@ -174,6 +176,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     with wave.open(call["wav"]) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16_000, 1, 2)
         assert w.getnframes() > 16_000 * 5  # several seconds of bot speech
+    # The dashboard was served while the demo ran, and the call's events stay in the demo's Redis.
+    assert done["dashboard"].startswith("http://127.0.0.1:") and "/dashboard?token=" in done["dashboard"]
+    assert (tmp_path / ".demo-redis" / "events.secret").is_file()
+    with EmbeddedRedis(data_dir=tmp_path / ".demo-redis") as server:
+        client = redis.Redis.from_url(server.url)
+        index = [json.loads(f[b"d"])["session_id"] for _, f in client.xrange("events:index")]
+        assert "demo-call-pass-1" in index
+        kinds = {f[b"t"].decode() for _, f in client.xrange(events_stream_key("demo-call-pass-1"))}
+        assert {"call_started", "user_text", "answer_text", "turn", "hybrid_item", "call_ended"} <= kinds
+        client.close()
 
 
 def test_missing_redis_server_binary_is_a_clear_error(tmp_path: Path) -> None:

@@ -17,13 +17,21 @@ from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.dialogue import DEFAULT_TTL_SECONDS, RedisDialogueStore
 from voxcore.application.dialogue import DialogueRecorder
 from voxcore.core.domain.dialogue import ContextMark, CorruptDialogueError, StoredMessage
-from voxcore.core.domain.keys import dialogue_messages_key, dialogue_summary_key, events_stream_key
+from voxcore.core.domain.keys import (
+    EVENTS_INDEX_KEY,
+    dialogue_messages_key,
+    dialogue_summary_key,
+    events_stream_key,
+)
 from voxcore.entrypoints.container import Container
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.runtime import simulator_reply
 from voxcore.simulator import OpenAISimulator
 
 KEY = "sk-test-simulator"
+
+# The tests on redis_target also run on a Redis Cluster and a Sentinel set (make test-cluster).
+pytestmark = pytest.mark.all_redis_modes
 
 
 @pytest.fixture
@@ -217,7 +225,7 @@ async def test_events_of_a_call_cover_its_turns(
         assert turn["time_to_first_token_ms"] > 0 and turn["time_to_first_text_ms"] > 0
         text = "".join(json.loads(f[b"d"])["text"] for _, f in entries if f[b"t"] == b"answer_text")
         assert text == "Вы сказали: Здравствуйте"
-        index = await raw_redis.xrange(key_prefix + "events:index")
+        index = await raw_redis.xrange(key_prefix + EVENTS_INDEX_KEY)
         assert [json.loads(f[b"d"])["session_id"] for _, f in index] == ["call-events", "call-events"]
         assert c.event_token("call-events") != c.event_token("call-other") != c.operator_token()
     finally:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
+from tests.conftest import RedisTarget
 from tests.live_support import SECRET, ServeProcess, SSEEvent, sse_stream
 from voxcore.adapters.redis.config import RedisConfig
 from voxcore.adapters.redis.live_events import RedisEventStreams, RedisLiveEventPublisher
@@ -34,6 +35,11 @@ async def publisher(raw_redis: redis.Redis, key_prefix: str) -> AsyncIterator[Re
         yield pub
     finally:
         await pub.aclose()
+
+
+def redis_env(target: RedisTarget) -> dict[str, str]:
+    """The server's Redis settings for a cluster or Sentinel target (a URL is enough for one server)."""
+    return {} if target.mode == "standalone" else target.env()
 
 
 async def stored_ids(client: redis.Redis, key: str) -> list[str]:
@@ -64,12 +70,13 @@ async def read_events(
     return got
 
 
+@pytest.mark.all_redis_modes  # also on a Redis Cluster and a Sentinel set (make test-cluster)
 async def test_exact_resume_1000_events_random_disconnects(
     redis_target, key_prefix: str, raw_redis: redis.Redis, publisher: RedisLiveEventPublisher
 ) -> None:
     session = "call-resume"
     rng = random.Random(11)
-    with ServeProcess(redis_target.url, key_prefix) as server:
+    with ServeProcess(redis_target.url, key_prefix, env=redis_env(redis_target)) as server:
         received: list[SSEEvent] = []
         reconnects = 0
 
@@ -110,12 +117,13 @@ async def test_exact_resume_1000_events_random_disconnects(
         assert reconnects >= 10
 
 
+@pytest.mark.all_redis_modes  # also on a Redis Cluster and a Sentinel set (make test-cluster)
 async def test_query_last_event_id_resumes_and_trimmed_id_gets_reset(
     redis_target, key_prefix: str, raw_redis: redis.Redis
 ) -> None:
     session = "call-trim"
     publisher = RedisLiveEventPublisher(RedisEventStreams(raw_redis, key_prefix=key_prefix, maxlen=100))
-    with ServeProcess(redis_target.url, key_prefix) as server:
+    with ServeProcess(redis_target.url, key_prefix, env=redis_env(redis_target)) as server:
         publisher.publish(session, "user_text", {"turn": 0})
         await publisher.flush(5)
         first = (await stored_ids(raw_redis, key_prefix + events_stream_key(session)))[0]
@@ -293,6 +301,7 @@ async def test_redis_restart_mid_stream_retry_hint_and_lossless_resume(
         server_redis.close()
 
 
+@pytest.mark.all_redis_modes  # also on a Redis Cluster and a Sentinel set (make test-cluster)
 async def test_tokens_isolate_sessions(
     redis_target, key_prefix: str, raw_redis: redis.Redis, publisher: RedisLiveEventPublisher
 ) -> None:
@@ -300,7 +309,7 @@ async def test_tokens_isolate_sessions(
     publisher.publish("call-B", "user_text", {"turn": 1, "text": "B"})
     assert await publisher.flush(5)
     token_a = session_token(SECRET, "call-A")
-    with ServeProcess(redis_target.url, key_prefix) as server:
+    with ServeProcess(redis_target.url, key_prefix, env=redis_env(redis_target)) as server:
         async with httpx.AsyncClient(timeout=10) as client:
             for address, headers in (
                 (url(server, "call-B", token_a), {}),

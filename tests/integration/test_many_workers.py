@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as redis
 
 from tests.conftest import RedisTarget
+from voxcore.entrypoints.runtime import simulator_reply
 from voxcore.simulator.openai_server import AUDIO_SPEECH_PATH, OpenAISimulator
 
 pytestmark = pytest.mark.all_redis_modes
@@ -132,3 +133,27 @@ async def test_two_workers_speaking_one_text_through_the_voice_service_synthesiz
         assert sim.request_count(AUDIO_SPEECH_PATH) == 1
     assert sorted(r["reason"] for r in results) == ["cache_hit", "ok"]  # the loser got the cached audio
     assert results[0]["bytes"] > 0 and results[0]["sha1"] == results[1]["sha1"]
+
+
+async def test_a_call_resumes_on_another_worker_after_its_worker_died(
+    redis_target: RedisTarget, key_prefix: str, raw_redis: redis.Redis
+) -> None:
+    async with OpenAISimulator(api_key="sk-workers", reply=simulator_reply) as sim:
+        env = {
+            **redis_target.env(),
+            "OPENAI_BASE_URL": sim.base_url,
+            "OPENAI_API_KEY": "sk-workers",
+            "VOXCORE_CACHE__KEY_PREFIX": key_prefix,
+            "VOXCORE_LOGGING__CONFIGURE": "false",
+        }
+        call = {"redis": spec(redis_target), "env": env, "session": f"call-{uuid.uuid4().hex[:8]}"}
+        turns = ["Здравствуйте, хочу застраховать квартиру", "Площадь 54 метра", "А сколько стоит?"]
+        dying = {**call, "resume": False, "turns": turns, "crash": True}
+        (first,) = await run_workers("converse", [dying], raw_redis, f"{key_prefix}go1")
+        (second,) = await run_workers(
+            "converse", [{**call, "resume": True, "turns": ["Продолжим"]}], raw_redis, f"{key_prefix}go2"
+        )
+    assert first["replies"] == [f"Вы сказали: {t}" for t in turns]
+    assert second["restored"] == first["history"]  # the context, bit for bit, in another process
+    assert second["replies"] == ["Вы сказали: Продолжим"]
+    assert second["history"][: len(first["history"])] == first["history"]

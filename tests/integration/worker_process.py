@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -119,7 +120,37 @@ async def speak(args: dict[str, Any]) -> dict[str, Any]:
         await client.aclose()
 
 
-COMMANDS = {"rate_limit": rate_limit, "synthesize": synthesize, "speak": speak}
+async def converse(args: dict[str, Any]) -> dict[str, Any]:
+    """One worker's part of a call: open (or resume) it through the container, take some turns.
+
+    With ``crash`` the process dies right after (no container shutdown), like a killed worker.
+    """
+    from voxcore.entrypoints.container import Container
+    from voxcore.entrypoints.settings import load_settings
+
+    settings = load_settings(env=args["env"])
+    container = Container(settings=settings)
+    await container.init_resources()
+    redis_client = config_from(args["redis"]).build()
+    await wait_for_go(redis_client, args["go"])
+    await redis_client.aclose()
+    manager = await container.open_conversation(args["session"], resume=args["resume"])
+    restored = [dict(m) for m in manager.active_context.messages]
+    replies = []
+    for text in args["turns"]:
+        chunks = [chunk async for chunk in manager.process_user_turn(text)]
+        replies.append("".join(c.text_chunk for c in chunks))
+    history = [dict(m) for m in manager.active_context.messages]
+    await manager.shutdown()  # the recorded turns are written before this returns
+    result = {"restored": restored, "history": history, "replies": replies}
+    if args.get("crash"):
+        print(json.dumps(result), flush=True)
+        os._exit(0)  # no shutdown_resources: the worker is simply gone
+    await container.shutdown_resources()
+    return result
+
+
+COMMANDS = {"rate_limit": rate_limit, "synthesize": synthesize, "speak": speak, "converse": converse}
 
 
 def main() -> None:

@@ -4,11 +4,13 @@ Layout (``P`` is the optional key prefix; ``{h}`` the session's hash tag)::
 
     P events:{h}:stream     Stream: t=<type> ts=<ms> d=<JSON data>; MAXLEN ~ N; TTL refreshed per write
     P events:{h}:live       pub/sub channel: the event as JSON, id included, published in the same script
-    P events:index          Stream of call_started/call_ended of every session (MAXLEN ~ N)
-    P events:index:live     pub/sub channel of the index
+    P events:{index}        Stream of call_started/call_ended of every session (MAXLEN ~ N)
+    P events:{index}:live   pub/sub channel of the index
 
-Every Redis command of this feature is in :class:`RedisEventStreams` (so a cluster deployment can
-swap ``PUBLISH``/``SUBSCRIBE`` for their sharded forms in one place). :class:`RedisLiveEventPublisher`
+Every Redis command of this feature is in :class:`RedisEventStreams`. On a Redis Cluster client the
+channels are *sharded* (``SPUBLISH`` in the write script, ``SSUBSCRIBE`` on the hub's connection):
+each channel lives on the shard of its stream (same hash tag), so events are not broadcast to every
+node of the cluster. :class:`RedisLiveEventPublisher`
 queues events in process and writes them in pipelined batches from one task; :class:`RedisEventHub`
 holds the process's one pub/sub connection and fans events out to local subscribers.
 """
@@ -28,6 +30,7 @@ from typing import Any, Final
 
 import redis.asyncio as redis
 from redis import exceptions as redis_exc
+from redis.asyncio.cluster import RedisCluster
 
 from voxcore.core.domain.keys import EVENTS_INDEX_CHANNEL, EVENTS_INDEX_KEY, events_channel, events_stream_key
 from voxcore.core.domain.live_events import (
@@ -66,6 +69,12 @@ redis.call('PUBLISH', ARGV[6],
 return id
 """
 _PUBLISH_SHA: Final = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+# The same for Redis Cluster: a sharded channel (the channel hashes to the slot of KEYS[1]).
+_SPUBLISH_LUA: Final = _PUBLISH_LUA.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+_SPUBLISH_SHA: Final = hashlib.sha1(_SPUBLISH_LUA.encode()).hexdigest()
+# A sharded subscription spans one connection per node; each is polled this long in turn, which
+# bounds what a message waits while another node's connection is being read.
+_SHARD_POLL_S: Final = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,9 @@ class RedisEventStreams:
             raise ValueError("maxlen and index_maxlen must be >= 1, ttl_seconds >= 0")
         self._client = client
         self._blocking = blocking_client
+        sharded = isinstance(client, RedisCluster)
+        self._script = _SPUBLISH_LUA if sharded else _PUBLISH_LUA
+        self._sha = _SPUBLISH_SHA if sharded else _PUBLISH_SHA
         self._prefix = key_prefix
         self._maxlen = str(maxlen).encode()
         self._index_maxlen = str(index_maxlen).encode()
@@ -140,7 +152,7 @@ class RedisEventStreams:
         encoded = [(e, encode_data(e.data).encode("utf-8")) for e in events]
         results = await self._run_scripts(encoded)
         if any(isinstance(r, redis_exc.NoScriptError) for r in results):
-            await self._client.script_load(_PUBLISH_LUA)  # after a restart or SCRIPT FLUSH
+            await self._client.script_load(self._script)  # after a restart or SCRIPT FLUSH
             results = await self._run_scripts(encoded)
         ids: list[str] = []
         for result in results:
@@ -158,7 +170,8 @@ class RedisEventStreams:
                     args = (kind, ts, data, self._index_maxlen, b"0", self.channel(None))
                 else:
                     args = (kind, ts, data, self._maxlen, self._ttl, self.channel(event.session_id))
-                pipe.evalsha(_PUBLISH_SHA, 1, self.stream_key(event.session_id), *args)
+                # (execute_command: the cluster pipeline refuses its evalsha() helper)
+                pipe.execute_command("EVALSHA", self._sha, 1, self.stream_key(event.session_id), *args)
             return list(await pipe.execute(raise_on_error=False))
 
     # -- reads ----------------------------------------------------------------------------------
@@ -205,7 +218,49 @@ class RedisEventStreams:
         """A new pub/sub object on the blocking client (the hub keeps exactly one)."""
         if self._blocking is None:
             raise RuntimeError("RedisEventStreams has no blocking client: reading live events needs one")
+        if isinstance(self._blocking, RedisCluster):
+            return _ShardedPubSub(self._blocking)
         return self._blocking.pubsub(ignore_subscribe_messages=False)
+
+
+class _ShardedPubSub:
+    """A cluster's sharded pub/sub behind the plain pub/sub calls the hub makes.
+
+    ``subscribe``/``unsubscribe`` are ``SSUBSCRIBE``/``SUNSUBSCRIBE`` (each channel on the node that
+    owns its slot), and messages come back with the plain types (``message``, ``subscribe``).
+    """
+
+    _TYPES: Final = {"smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+        self._pubsub: Any = cluster.pubsub()
+
+    async def subscribe(self, *channels: str) -> None:
+        # SSUBSCRIBE picks each channel's node from the slot map, which the client reads lazily.
+        await self._cluster.initialize()
+        await self._pubsub.ssubscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self._pubsub.sunsubscribe(*channels)
+
+    async def get_message(self, timeout: float = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109 - redis-py's signature
+        deadline = time.monotonic() + timeout
+        while True:
+            message: dict[str, Any] | None = await self._pubsub.get_sharded_message(
+                ignore_subscribe_messages=False, timeout=_SHARD_POLL_S
+            )
+            if message is not None:
+                kind = _text(message.get("type", ""))
+                return {**message, "type": self._TYPES.get(kind, kind)}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not self._pubsub.node_pubsub_mapping:  # nothing subscribed: nothing to wait on
+                await asyncio.sleep(min(remaining, _SHARD_POLL_S))
+
+    async def aclose(self) -> None:
+        await self._pubsub.aclose()
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

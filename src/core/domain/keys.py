@@ -75,10 +75,11 @@ def _non_empty(value: str, what: str) -> str:
 
 DIALOGUE_PREFIX = "dialogue:"
 EVENTS_PREFIX = "events:"
-#: The stream listing calls as they start and end (one per deployment, not per session).
-EVENTS_INDEX_KEY = "events:index"
+#: The stream listing calls as they start and end (one per deployment, not per session). The hash
+#: tag keeps it in the slot of its channel: in Redis Cluster one script writes both (SPUBLISH).
+EVENTS_INDEX_KEY = "events:{index}"
 #: The pub/sub channel announcing entries of :data:`EVENTS_INDEX_KEY`.
-EVENTS_INDEX_CHANNEL = "events:index:live"
+EVENTS_INDEX_CHANNEL = "events:{index}:live"
 
 
 def session_tag(session_id: str) -> str:

@@ -120,7 +120,9 @@
                (d.handover_ms ? ` · handover ${ms(d.handover_ms)}` : "");
       case "handover": return `handover in ${ms(d.handover_ms)} (ratio ${Number(d.ratio_before).toFixed(2)} → ${Number(d.ratio_after).toFixed(2)})`;
       case "summary_cache": return `summary cache ${d.hit ? "hit" : "miss"}`;
-      case "hybrid_item": return `hybrid ${d.kind}: ${d.key || d.text || ""}`;
+      case "hybrid_item":
+        return `hybrid ${d.kind}` + (d.count ? ` ×${d.count}` : "") + (d.item ? `: ${d.item}` : "") +
+               (d.tts_ttfb_ms ? ` · TTS first byte ${ms(d.tts_ttfb_ms)}` : "");
       case "error": return `${d.error_type}: ${d.message}`;
       default: return JSON.stringify(d);
     }
