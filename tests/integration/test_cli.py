@@ -14,7 +14,7 @@ import redis
 
 from tests.conftest import RedisTarget
 from tests.unit.test_audio_domain import make_wav
-from voxcore.core.domain.keys import events_stream_key
+from voxcore.core.domain.keys import EVENTS_INDEX_KEY, events_stream_key
 from voxcore.entrypoints.cli import demo_manifest, example_wav, numbers_manifest
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis
 from voxcore.entrypoints.manifest import read_manifest
@@ -181,7 +181,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / ".demo-redis" / "events.secret").is_file()
     with EmbeddedRedis(data_dir=tmp_path / ".demo-redis") as server:
         client = redis.Redis.from_url(server.url)
-        index = [json.loads(f[b"d"])["session_id"] for _, f in client.xrange("events:index")]
+        index = [json.loads(f[b"d"])["session_id"] for _, f in client.xrange(EVENTS_INDEX_KEY)]
         assert "demo-call-pass-1" in index
         kinds = {f[b"t"].decode() for _, f in client.xrange(events_stream_key("demo-call-pass-1"))}
         assert {"call_started", "user_text", "answer_text", "turn", "hybrid_item", "call_ended"} <= kinds
