@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser lint typecheck unit integration bench clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser lint typecheck unit integration bench bench-density clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,10 @@ bench: install
 	$(BIN)/python bench/bench_speech.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_failover.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_events.py --write docs/benchmarks.md
+
+# Heavy (~10 min, every CPU busy): run it on a quiet machine.
+bench-density: install
+	$(BIN)/python bench/bench_density.py --shared-http both --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

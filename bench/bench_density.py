@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -40,6 +42,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +70,17 @@ class CallStats:
     failed: int = 0
 
 
+class _WarningCounter(logging.Handler):
+    """Counts the worker's WARNING+ events by name (soft failures: pool exhausted, TTS fallbacks...)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.getMessage()] += 1
+
+
 @dataclass
 class Schedule:
     """When the measurement window opens and closes and when the calls stop (set once all are open)."""
@@ -85,9 +99,15 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def _runqueue_wait_s() -> float:
+    """Seconds this thread spent runnable but waiting for a CPU (other processes on its core)."""
+    with open("/proc/thread-self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime  # the whole process (threads included)
 
 
 async def _call(
@@ -98,9 +118,11 @@ async def _call(
     think_s: float,
     ready: asyncio.Event,
     opened: list[int],
+    opening: asyncio.Semaphore,
 ) -> None:
     rng = random.Random(index)
-    call = await container.open_spoken_conversation(f"density-{index}")
+    async with opening:  # calls arrive over time, not all in the same millisecond
+        call = await container.open_spoken_conversation(f"density-{index}")
     opened[0] += 1
     try:
         await ready.wait()
@@ -155,6 +177,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     from voxcore.entrypoints.settings import load_settings
 
     configure_logging("INFO", stream=_DEVNULL)  # production logging, written nowhere
+    warnings = _WarningCounter()
+    logging.getLogger("voxcore").addHandler(warnings)
     env = {
         "REDIS_URL": args.redis_url,
         "OPENAI_BASE_URL": args.base_url,
@@ -162,8 +186,15 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "VOXCORE_LOGGING__CONFIGURE": "false",
         "VOXCORE_VOICE__DEFAULT_AGENT__ENGINE": "openai",
         "VOXCORE_VOICE__DEFAULT_AGENT__VOICE": "alloy",
-        "VOXCORE_REDIS__MAX_CONNECTIONS": "64",
+        # A pool wait past pool_timeout is a soft miss, and a missed tts:* lookup is re-synthesized: an
+        # overloaded worker would amplify its own load. Room for 1 000 calls' reads:
+        "VOXCORE_REDIS__MAX_CONNECTIONS": "256",
+        "VOXCORE_REDIS__POOL_TIMEOUT": "3",
         "VOXCORE_LLM__SHARED_CONNECTION": "true" if args.shared else "false",
+        # Each call has its own responder, and a responder speculates on its first synthesized item: with
+        # hundreds of calls opening at once that is hundreds of TTS requests cancelled a moment later
+        # (a herd that starves the worker), so density runs without the speculation.
+        "VOXCORE_VOICE__HYBRID__SPECULATIVE_FIRST_TTS": "false",
     }
     container = Container(settings=load_settings(env=env))
     await container.init_resources()
@@ -173,6 +204,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     rss_before = _rss_mb()
     ready = asyncio.Event()
     opened = [0]
+    opening = asyncio.Semaphore(50)
     # the window opens once every call is open and has had time for its first turn (TTS cache filled)
     schedule = Schedule()
     tasks = []
@@ -181,7 +213,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n):
             tasks.append(
                 asyncio.create_task(
-                    _call(container, i, stats[i], schedule, args.think_s, ready, opened),
+                    _call(container, i, stats[i], schedule, args.think_s, ready, opened, opening),
                     name=f"call-{i}",
                 )
             )
@@ -202,11 +234,15 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         worst_lag = [0.0]
         lag = asyncio.create_task(_lag_probe(schedule, worst_lag))
         await asyncio.sleep(max(0.0, schedule.start - loop.time()))
-        cpu0, rss_loaded = _cpu_s(), _rss_mb()
+        cpu0, wait0, rss_loaded = _cpu_s(), _runqueue_wait_s(), _rss_mb()
         await asyncio.sleep(max(0.0, schedule.end - loop.time()))
-        cpu1 = _cpu_s()
+        cpu1, wait1 = _cpu_s(), _runqueue_wait_s()
         rss_loaded = max(rss_loaded, _rss_mb())
         await lag
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        breakdown = await _breakdown(container) if n == 1 else {}
     finally:
         for t in tasks:
             t.cancel()
@@ -222,6 +258,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "window_s": args.window_s,
         "cpu_s": round(cpu1 - cpu0, 3),
         "cpu_per_call_s": (cpu1 - cpu0) / (n * args.window_s),
+        "cpu_share": (cpu1 - cpu0) / args.window_s,
+        "runqueue_wait_share": (wait1 - wait0) / args.window_s,
         "rss_before_mb": round(rss_before, 1),
         "rss_loaded_mb": round(rss_loaded, 1),
         "rss_per_call_mb": (rss_loaded - rss_before) / n,
@@ -233,7 +271,28 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "ttfa_p50": statistics.median(ttfa) if ttfa else math.nan,
         "ttfa_p99": _pct(ttfa, 99),
         "loop_lag_max_ms": round(worst_lag[0], 1),
+        "warnings": dict(warnings.counts.most_common(6)),
+        **breakdown,
     }
+
+
+async def _breakdown(container: Any) -> dict[str, float]:
+    """What a wake-up costs this process: from idle (the loop sleeps in epoll; the kernel/hypervisor
+    wake it) and for one task of a busy loop (1 000 tasks sharing the wake-ups)."""
+    del container  # the probe needs only the running loop
+    cpu0 = _cpu_s()
+    for _ in range(100):
+        await asyncio.sleep(CHUNK_MS / 1000)
+    idle_us = (_cpu_s() - cpu0) / 100 * 1e6
+
+    async def sleeper() -> None:
+        for _ in range(25):
+            await asyncio.sleep(CHUNK_MS / 1000)
+
+    cpu0 = _cpu_s()
+    await asyncio.gather(*(sleeper() for _ in range(1000)))
+    busy_us = (_cpu_s() - cpu0) / 25_000 * 1e6
+    return {"idle_wake_us": idle_us, "busy_wake_us": busy_us}
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -248,7 +307,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 @contextlib.contextmanager
-def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[str]:
+def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[tuple[str, int]]:
     """``python -m voxcore.simulator`` streaming ~50 tokens/s after ``first_token_ms``; yields its URL."""
     command = [
         sys.executable,
@@ -274,7 +333,7 @@ def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[
         started = json.loads(proc.stdout.readline())
         if started.get("event") != "simulator_started":
             raise RuntimeError(f"simulator did not start: {started}")
-        yield str(started["base_url"])
+        yield str(started["base_url"]), proc.pid
     finally:
         proc.terminate()
         try:
@@ -285,7 +344,14 @@ def simulator_process(first_token_ms: float, cpus: set[int] | None) -> Iterator[
 
 
 def run_child(
-    n: int, args: argparse.Namespace, redis_url: str, base_url: str, shared: bool, think_s: float
+    n: int,
+    args: argparse.Namespace,
+    redis_url: str,
+    base_url: str,
+    sim_pid: int,
+    shared: bool,
+    think_s: float,
+    window_s: float | None = None,
 ) -> dict[str, Any]:
     command = [
         sys.executable,
@@ -297,7 +363,7 @@ def run_child(
         "--base-url",
         base_url,
         "--window-s",
-        str(args.window_s),
+        str(window_s or args.window_s),
         "--think-s",
         str(think_s),
     ]
@@ -306,10 +372,20 @@ def run_child(
     if args.worker_cpu is not None:
         command += ["--pin", str(args.worker_cpu)]
     budget = 120 + args.window_s + n * 0.1
+    sim_cpu0, started = _process_cpu_s(sim_pid), time.monotonic()
     out = subprocess.run(command, capture_output=True, text=True, timeout=budget)
     if out.returncode != 0:
         raise RuntimeError(f"worker for N={n} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    # the simulator's average CPU over the worker's whole run: near 100%, the simulator is the bottleneck
+    result["simulator_cpu_share"] = (_process_cpu_s(sim_pid) - sim_cpu0) / (time.monotonic() - started)
+    return result
+
+
+def _process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:
@@ -323,6 +399,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at start"
 
 
+def _ms(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
 def render(
     results: list[dict[str, Any]], unloaded: dict[str, dict[str, Any]], args: argparse.Namespace
 ) -> str:
@@ -333,51 +415,80 @@ def render(
         f"- host: {machine()}",
         f"- load: each call turns every {args.think_s:g} s (0.5x..1.5x) after its reply; first token after "
         f"{args.first_token_ms:g} ms, then 4 characters every 20 ms; a {len(REPLY)}-character reply "
-        "(3 sentences, "
-        "~4.4 s of speech) played from the tts:* cache at real-time pace",
-        f"- worker pinned to CPU {args.worker_cpu}; simulator and redis-server on the other CPUs; "
-        f"window {args.window_s:g} s per N after every call's first turn",
+        "(3 sentences, ~4.4 s of speech) spoken from the tts:* cache and consumed at real-time pace",
+        f"- worker pinned to CPU {args.worker_cpu}; simulator and redis-server on the other CPUs; calls "
+        f"opened 50 at a time; window {args.window_s:g} s per N after every call's first turn; "
+        "`voice.hybrid.speculative_first_tts: false` (with it, every new call's first turn sends a TTS "
+        "request that the cache hit cancels: hundreds at once starve the worker)",
+        "- CPU busy: worker CPU time / window (100% = one core); waited: time the worker was runnable but "
+        "another process held its CPU (/proc schedstat), the machine's contention",
         "- late: a chunk more than 20 ms after its real-time slot; first-audio overhead: p50/p99 of the "
-        "loaded "
-        "run minus the unloaded p50 (N = 1) of the same mode",
+        "loaded run minus the unloaded p50 (N = 1) of the same mode; calls/core = 1 / CPU per call-second",
         "",
-        "| mode | N | CPU per call-second | RSS per call | TTFA p50 / p99 | overhead p50 / p99 | "
-        "late chunks / played | max late | loop lag max | turns (failed) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | N | CPU per call-second | calls/core | CPU busy / waited | simulator CPU | RSS per call "
+        "| TTFA p50 / p99 "
+        "| overhead p50 / p99 | late chunks / played | max late | loop lag max | turns (failed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
     for r in results:
         mode = "shared HTTP" if r["shared"] else "per-call HTTP"
         base = unloaded[mode]["ttfa_p50"]
         lines.append(
             f"| {mode} | {r['calls']} | {r['cpu_per_call_s'] * 1000:.2f} ms "
+            f"| {1 / r['cpu_per_call_s']:.0f} "
+            f"| {r['cpu_share'] * 100:.0f}% / {r['runqueue_wait_share'] * 100:.0f}% "
+            f"| {r['simulator_cpu_share'] * 100:.0f}% "
             f"| {r['rss_per_call_mb'] * 1000:.0f} KB "
-            f"| {r['ttfa_p50']:.1f} / {r['ttfa_p99']:.1f} ms "
-            f"| {r['ttfa_p50'] - base:+.1f} / {r['ttfa_p99'] - base:+.1f} ms | "
-            f"{r['late']} / {r['chunks']} | {r['max_late_ms']:.1f} ms | {r['loop_lag_max_ms']:.1f} ms | "
-            f"{r['turns']} ({r['failed']}) |"
+            f"| {_ms(r['ttfa_p50'])} / {_ms(r['ttfa_p99'])} ms "
+            f"| {_ms(r['ttfa_p50'] - base, True)} / {_ms(r['ttfa_p99'] - base, True)} ms "
+            f"| {r['late']} / {r['chunks']} | {r['max_late_ms']:.1f} ms | {r['loop_lag_max_ms']:.1f} ms "
+            f"| {r['turns']} ({r['failed']}) |"
         )
-    for mode, u in unloaded.items():
-        lines.append("")
-        lines.append(f"Unloaded ({mode}, N = 1): TTFA p50 {u['ttfa_p50']:.1f} ms over {u['turns']} turns.")
+        if r.get("warnings"):
+            shown = ", ".join(f"{name} x{count}" for name, count in r["warnings"].items())
+            notes.append(f"- {mode}, N = {r['calls']}: warnings {shown}")
     lines.append("")
+    lines += notes
+    for mode, u in unloaded.items():
+        lines.append(f"- unloaded ({mode}, N = 1): TTFA p50 {u['ttfa_p50']:.1f} ms over {u['turns']} turns")
+        if "idle_wake_us" in u:
+            lines.append(
+                f"- wake-up cost on this host: {u['idle_wake_us']:.0f} us of CPU per wake-up of an idle "
+                f"process (a 20 ms sleep), {u['busy_wake_us']:.1f} us per task wake-up when 1 000 tasks "
+                "share a busy loop: at small N most of the CPU per call-second is wake-ups, which larger N "
+                "amortizes"
+            )
     lines.append(
-        f"Targets: {TARGET_CALLS} calls in one worker on one core with 0 late chunks, p99 first-audio "
-        "overhead "
-        f"<= {TARGET_P99_OVERHEAD_MS:g} ms, <= {TARGET_RSS_MB:g} MB RSS per call."
+        f"- targets: {TARGET_CALLS} calls in one worker on one core with 0 late chunks, p99 first-audio "
+        f"overhead <= {TARGET_P99_OVERHEAD_MS:g} ms, <= {TARGET_RSS_MB:g} MB RSS per call"
     )
     for r in results:
         if r["calls"] == TARGET_CALLS:
             mode = "shared HTTP" if r["shared"] else "per-call HTTP"
             over = r["ttfa_p99"] - unloaded[mode]["ttfa_p50"]
+            played_ok = r["late"] == 0 and r["chunks"] > 0
             verdict = [
-                f"late chunks {r['late']} ({'OK' if r['late'] == 0 else 'FAIL'})",
-                f"p99 overhead {over:.1f} ms ({'OK' if over <= TARGET_P99_OVERHEAD_MS else 'FAIL'})",
+                f"late chunks {r['late']} of {r['chunks']} ({'OK' if played_ok else 'FAIL'})",
+                f"p99 overhead {_ms(over)} ms ({'OK' if over <= TARGET_P99_OVERHEAD_MS else 'FAIL'})",
                 f"RSS {r['rss_per_call_mb'] * 1000:.0f} KB per call "
                 f"({'OK' if r['rss_per_call_mb'] <= TARGET_RSS_MB else 'FAIL'})",
-                f"CPU {r['cpu_per_call_s'] * TARGET_CALLS * 100:.0f}% of one core",
             ]
-            lines.append(f"- {mode}, N = {TARGET_CALLS}: " + "; ".join(verdict) + ".")
-    lines.append("")
+            lines.append(f"- {mode}, N = {TARGET_CALLS}: " + "; ".join(verdict))
+    lines += [
+        "",
+        "Reading the table: *CPU busy* near 100% means the worker needs more than its core and latency "
+        "grows with N; a large *waited* share means other processes held the worker's core (the machine "
+        "was not quiet), which inflates loop lag, late chunks and TTFA without the worker being short of "
+        "CPU itself. *simulator CPU* near 100% means the LLM/TTS simulator (one Python process on the "
+        "other CPU) could not stream any faster, so TTFA grows without the worker being at fault. "
+        "*calls/core* is what one uncontended core would carry at that N's CPU per "
+        "call-second; since wake-ups are shared by more calls as N grows, the figure at the largest N "
+        "that still kept up is the realistic one. Rows with no turns had every call stuck behind the "
+        "backlog of the first turns (CPU starvation), so their CPU per call-second is not a steady "
+        "state.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -423,7 +534,10 @@ def main() -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.shared_http]
     results: list[dict[str, Any]] = []
     unloaded: dict[str, dict[str, Any]] = {}
-    with EmbeddedRedis() as redis_server, simulator_process(args.first_token_ms, others) as base_url:
+    with (
+        EmbeddedRedis() as redis_server,
+        simulator_process(args.first_token_ms, others) as (base_url, sim_pid),
+    ):
         if others:
             import redis as redis_sync
 
@@ -431,11 +545,11 @@ def main() -> int:
                 os.sched_setaffinity(int(client.info("server")["process_id"]), others)
         for shared in modes:
             mode = "shared HTTP" if shared else "per-call HTTP"
-            u = run_child(1, args, redis_server.url, base_url, shared, think_s=0.5)
+            u = run_child(1, args, redis_server.url, base_url, sim_pid, shared, think_s=0.5, window_s=30.0)
             unloaded[mode] = u
             print(json.dumps({"unloaded": mode, **u}), flush=True)
             for n in [int(v) for v in args.calls.split(",") if v.strip()]:
-                r = run_child(n, args, redis_server.url, base_url, shared, think_s=args.think_s)
+                r = run_child(n, args, redis_server.url, base_url, sim_pid, shared, think_s=args.think_s)
                 results.append(r)
                 print(json.dumps(r), flush=True)
     section = render(results, unloaded, args)

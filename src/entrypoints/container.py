@@ -14,6 +14,7 @@ Usage (see the README)::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import inspect
@@ -248,10 +249,13 @@ async def open_conversation(
     The call's ``voxcore.call`` span starts here (a child of the host's span current now, if any)
     and ends at ``manager.shutdown()``; the handshake and the warm-up loop run inside it.
     """
-    store = await _resolved(dialogue_store) if settings is not None else None
-    events_publisher = await _resolved(publisher) if settings is not None else None
+    # The store and the publisher arrive as providers (or values): an awaitable argument would make the
+    # container run this coroutine detached from its caller, and a cancelled open would leak the call.
+    store = await _resolved(_provided(dialogue_store)) if settings is not None else None
+    events_publisher = await _resolved(_provided(publisher)) if settings is not None else None
     restored = await restore_dialogue(store, session_id) if resume and store is not None else None
     call_span = start_call_span(_tracer, session_hash(session_id))
+    connection: LLMConnectionManager[Any] | None = None
     try:
         with trace.use_span(call_span, end_on_exit=False):  # the warm-up task inherits this context
             connection = connection_factory()
@@ -260,6 +264,8 @@ async def open_conversation(
         call_span.record_exception(exc)
         call_span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         call_span.end()
+        if connection is not None:  # a failed or cancelled open leaves no connection or warm-up loop
+            await asyncio.shield(connection.shutdown())
         raise
     try:
         extra: dict[str, Any] = {}
@@ -288,7 +294,7 @@ async def open_conversation(
         )
     except BaseException:
         call_span.end()
-        await connection.shutdown()
+        await asyncio.shield(connection.shutdown())
         raise
     if events is not None and settings is not None:
         events.call_started(
@@ -297,6 +303,11 @@ async def open_conversation(
             model=settings.llm.models.main,
         )
     return manager
+
+
+def _provided(value: Any) -> Any:
+    """A provider's value (a dependency-injector provider is called), or ``value`` itself."""
+    return value() if isinstance(value, providers.Provider) else value
 
 
 async def _resolved(value: Any) -> Any:
@@ -630,16 +641,20 @@ async def open_spoken_conversation(
     manager_factory: Callable[..., ConversationManager],
     settings: Settings,
     cache: RedisCacheManager,
-    engines: Any,
+    engines: Callable[[], Any],
     converter: SoxrAudioConverter,
-    faq: Any,
+    faq: Callable[[], Any],
     opener: Callable[..., Awaitable[ConversationManager]] | None = None,
 ) -> SpokenConversation:
     """One call's spoken turns: a warm conversation, a hybrid responder, and the FAQ matcher if enabled.
 
-    ``await conversation.shutdown()`` closes the call's connection and drains the responder.
+    ``await conversation.shutdown()`` closes the call's connection and drains the responder. The
+    resources arrive as providers (resolved here): an awaitable argument would make the container
+    run this coroutine detached from its caller, so a caller cancelling the open (a caller hanging up
+    while connecting) would leak the opened call.
     """
-    matcher = await faq if inspect.isawaitable(faq) else faq
+    matcher = await _resolved(faq())
+    engine_map = await _resolved(engines())
     if opener is not None:  # the container's open_conversation: dialogue cache and live events included
         manager = await opener(session_id)
     else:
@@ -648,10 +663,10 @@ async def open_spoken_conversation(
         )
     try:
         responder = await open_hybrid_responder(
-            settings=settings, cache=cache, engines=engines, converter=converter
+            settings=settings, cache=cache, engines=engine_map, converter=converter
         )
     except BaseException:
-        await manager.shutdown()
+        await asyncio.shield(manager.shutdown())
         raise
     return SpokenConversation(conversation=manager, responder=responder, faq=matcher)
 
@@ -834,8 +849,8 @@ class Container(containers.DeclarativeContainer):
         context_factory=llm_context.provider,
         dual_factory=dual_context.provider,
         settings=settings,
-        dialogue_store=dialogue_store,
-        publisher=event_publisher,
+        dialogue_store=dialogue_store.provider,
+        publisher=event_publisher.provider,
     )
     calls = providers.Resource(call_registry, open_conversation.provider)
 
@@ -861,8 +876,8 @@ class Container(containers.DeclarativeContainer):
         manager_factory=conversation_manager.provider,
         settings=settings,
         cache=cache,
-        engines=tts_engines,
+        engines=tts_engines.provider,
         converter=audio_converter,
-        faq=faq_matcher,
+        faq=faq_matcher.provider,
         opener=open_conversation.provider,
     )

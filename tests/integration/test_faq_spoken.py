@@ -168,3 +168,29 @@ async def test_a_broken_manifest_fails_start_up(
         shutdown = container.shutdown_resources()
         if shutdown is not None:
             await shutdown
+
+
+@pytest.mark.parametrize("opener", ["open_conversation", "open_spoken_conversation"])
+async def test_cancelling_an_open_leaves_no_connection_behind(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path, opener: str
+) -> None:
+    """A caller hanging up while its call is connecting: no connection, no warm-up loop survives it."""
+    import asyncio
+
+    from voxcore.simulator import RequestPlan
+
+    async with OpenAISimulator() as sim:
+        container = Container(config_path=str(write_config(tmp_path, redis_target.url, key_prefix, sim)))
+        await container.init_resources()
+        try:
+            sim.plan_next(RequestPlan(path="/v1/models", first_token_delay_ms=300))  # a slow handshake
+            opening = asyncio.ensure_future(getattr(container, opener)("call-hung-up"))
+            await sim.wait_for_requests(1, path="/v1/models")
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            await asyncio.sleep(0.5)  # past the handshake: nothing may finish it and start warming up
+            assert sim.open_connections == 0
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("voxcore-llm")]
+        finally:
+            await container.shutdown_resources()

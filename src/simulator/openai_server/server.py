@@ -183,8 +183,10 @@ class OpenAISimulator(_ChatRoutes, _SpeechRoutes):
         if self._server is not None:
             raise RuntimeError("simulator already started")
         self._closing = False
+        # A listen backlog like production servers' (uvicorn: 2048): hundreds of calls connecting at
+        # once must queue, not time out in SYN retries behind asyncio's default of 100.
         self._server = await asyncio.start_server(
-            self._on_connection, self.host, self._requested_port, limit=_MAX_HEAD_BYTES
+            self._on_connection, self.host, self._requested_port, limit=_MAX_HEAD_BYTES, backlog=2048
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         log.debug("openai simulator listening on %s", self.base_url)
