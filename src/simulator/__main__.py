@@ -29,6 +29,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--early-headers", action="store_true", help="send stream headers before the delay")
     parser.add_argument("--reply", default=None, help="constant reply text (default: echo the user)")
     parser.add_argument("--embedding-ms", type=float, default=0.0, help="delay before an embeddings answer")
+    parser.add_argument(
+        "--idle-timeout-s", type=float, default=75.0, help="close keep-alive connections idle this long"
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="behave like llama.cpp's server: one request at a time (a waiting request ends the running "
+        "stream), json_schema refused with a 500, idle connections closed after 5 s without a Keep-Alive "
+        "header",
+    )
     return parser.parse_args(argv)
 
 
@@ -49,6 +59,10 @@ async def _serve(args: argparse.Namespace) -> None:
         chars_per_chunk=args.chars_per_chunk,
         early_headers=args.early_headers,
         embedding_delay_ms=args.embedding_ms,
+        idle_timeout_s=5.0 if args.llama_cpp else args.idle_timeout_s,
+        one_request_at_a_time=args.llama_cpp,
+        response_formats=("text", "json_object") if args.llama_cpp else None,
+        keep_alive_header=not args.llama_cpp,
     )
     async with sim:
         started = {

@@ -360,3 +360,16 @@ async def test_provider_gate_order() -> None:
     turn_slot.release()
     (await waiting_background).release()
     assert gate.in_flight == 0
+
+
+async def test_a_bad_optional_field_after_the_heard_answer_does_not_take_it_back(
+    sim: OpenAISimulator, http: httpx.AsyncClient, events: EventLog
+) -> None:
+    llm = OpenAILLMClient(make_config(sim))
+    reply = {"is_safe": True, "aggression_score": 0, "answer": "да", "internal_thought": 5}
+    sim.plan_next(RequestPlan(reply=reply))
+    chunks = await stream(llm, http)
+    assert text_of(chunks) == "да" and chunks[-1].is_final_chunk
+    (dropped,) = events.named("structured_fields_dropped")
+    assert dropped["fields"] == ["internal_thought"]
+    assert llm.last_result is not None and llm.last_result.text == "да"

@@ -153,6 +153,29 @@ def _token_usage(raw: object) -> TokenUsage | None:
     return None
 
 
+def _salvaged(
+    parser: StructuredStreamParser, response_model: type[BaseModel], error: StructuredStreamError
+) -> tuple[BaseModel, list[str]] | None:
+    """The answer validated without the optional fields that failed validation, when that is enough.
+
+    Returns ``None`` when the object is incomplete, the streamed field itself is invalid, or a required
+    field failed.
+    """
+    cause = error.__cause__
+    if not isinstance(cause, ValidationError):
+        return None
+    bad = sorted({str(item["loc"][0]) for item in cause.errors() if item.get("loc")})
+    fields = response_model.model_fields
+    required = {name for name, info in fields.items() if info.is_required()}
+    if not bad or STREAM_FIELD in bad or required.intersection(bad):
+        return None
+    value = {key: item for key, item in parser.close().items() if key not in bad}
+    try:
+        return response_model.model_validate(value), bad
+    except ValidationError:
+        return None
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -342,6 +365,12 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         }
         return response, payload
 
+    def _first_token(self, ttft_s: float, model: str, debug: bool) -> None:
+        """The first token's histogram and event, off the TTFT path."""
+        self._ttfc.record(ttft_s, self._metric_attributes(model))
+        if debug:
+            emit(log, "first_token", logging.DEBUG, ttft_ms=round(ttft_s * 1000, 3), model=model)
+
     def _tolerated(self, parser: StructuredStreamParser, model: str) -> None:
         """Log (once per client at WARNING, then at DEBUG) text around the JSON object that was ignored."""
         level = logging.DEBUG if self._tolerance_logged else logging.WARNING
@@ -474,18 +503,19 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         loop = asyncio.get_running_loop()
         # Events on the TTFT path are formatted off it: call_soon runs them while the loop waits
         # for the network (or after the first chunk has been handed over), in this context.
-        loop.call_soon(
-            functools.partial(
-                emit,
-                log,
-                "request_send",
-                logging.DEBUG,
-                model=model,
-                ts=_now_iso(),
-                stream=True,
-                messages=len(messages),
+        if debug:
+            loop.call_soon(
+                functools.partial(
+                    emit,
+                    log,
+                    "request_send",
+                    logging.DEBUG,
+                    model=model,
+                    ts=_now_iso(),
+                    stream=True,
+                    messages=len(messages),
+                )
             )
-        )
         gate = gate_for(config.base_url, config.max_concurrent_requests)
         slot: Slot | None = None
         self._last_ttft_ms = None
@@ -558,17 +588,8 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                         ttft_s = first_at - sent
                                         self._last_ttft_ms = round(ttft_s * 1000, 3)
                                         span.set_attribute("gen_ai.response.time_to_first_chunk", ttft_s)
-                                        self._ttfc.record(ttft_s, self._metric_attributes(model))
-                                        loop.call_soon(
-                                            functools.partial(
-                                                emit,
-                                                log,
-                                                "first_token",
-                                                logging.DEBUG,
-                                                ttft_ms=round(ttft_s * 1000, 3),
-                                                model=model,
-                                            )
-                                        )
+                                        # Recorded right after the first chunk has been handed over.
+                                        loop.call_soon(self._first_token, ttft_s, model, debug)
                                     chunks += 1
                                     if debug:
                                         emit(log, "chunk", _DEBUG, seq=chunks, size=len(content))
@@ -674,7 +695,15 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                     f"complete ({chunks} chunks)"
                 )
             try:
-                instance = parser.validate(response_model)
+                try:
+                    instance = parser.validate(response_model)
+                except StructuredStreamError as exc:
+                    # The caller has heard the whole answer: a bad optional field must not take it back.
+                    salvaged = _salvaged(parser, response_model, exc) if answer is not None else None
+                    if salvaged is None:
+                        raise
+                    instance, dropped = salvaged
+                    emit(log, "structured_fields_dropped", logging.WARNING, model=model, fields=dropped)
             except (StructuredStreamError, ValidationError) as exc:
                 reason_text = ""
                 if refusal:

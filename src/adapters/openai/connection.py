@@ -40,6 +40,8 @@ _handshake_duration = _meter.create_histogram(
 
 #: Key of ``httpx.Response.extensions`` holding whether the request reused an open connection.
 REUSED_EXTENSION: Final = "voxcore.connection_reused"
+# Where a request keeps its probe (its "trace" entry goes once the connection is known).
+_PROBE_EXTENSION: Final = "voxcore.connect_probe"
 # httpcore trace events that mean "this request is opening a new connection" (TCP or unix socket,
 # direct or through a SOCKS proxy: the prefix is the httpcore module that traces it).
 _CONNECT_STARTED: Final = (".connect_tcp.started", ".connect_unix_socket.started")
@@ -75,13 +77,17 @@ class _ConnectProbe:
     proves the request went out. So: events seen and no connect -> the request reused a connection.
     """
 
-    __slots__ = ("seen", "connected", "_chained", "_on_connect")
+    __slots__ = ("seen", "connected", "_chained", "_on_connect", "_extensions")
 
-    def __init__(self, chained: Any, on_connect: Callable[[], None]) -> None:
+    def __init__(
+        self, chained: Any, on_connect: Callable[[], None], extensions: dict[str, Any] | None = None
+    ) -> None:
         self.seen = False
         self.connected = False
         self._chained = chained
         self._on_connect = on_connect
+        # The request's extensions (httpcore shares the dict): the probe leaves it once it knows.
+        self._extensions = extensions if chained is None else None
 
     async def __call__(self, name: str, info: dict[str, Any]) -> None:
         self.seen = True
@@ -89,6 +95,11 @@ class _ConnectProbe:
             self.connected = True
         elif name.endswith(_CONNECT_COMPLETE):
             self._on_connect()
+        elif self._extensions is not None and not name.startswith("connection."):
+            # The request is on its connection (reused or dialed): nothing more to learn. Leaving the
+            # extensions spares the request's remaining phases a callback each (the TTFT path).
+            self._extensions.pop("trace", None)
+            self._extensions = None
         if self._chained is not None:  # a trace extension the caller set itself keeps working
             await self._chained(name, info)
 
@@ -161,15 +172,11 @@ class _TrackingTransport(httpx.AsyncBaseTransport):
         except BaseException:
             manager._request_ended(complete=False)
             raise
-        probe = request.extensions.get("trace")
+        probe = request.extensions.get(_PROBE_EXTENSION)
         manager._observe(response.headers, idle_s, isinstance(probe, _ConnectProbe) and probe.connected)
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(
-            status_code=response.status_code,
-            headers=response.headers,
-            stream=_TrackedStream(response.stream, manager),
-            extensions=response.extensions,
-        )
+        response.stream = _TrackedStream(response.stream, manager)
+        return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -465,11 +472,13 @@ class OpenAIConnectionManager(LLMConnectionManager[httpx.AsyncClient]):
                 )
 
     async def _on_request(self, request: httpx.Request) -> None:
-        probe = _ConnectProbe(request.extensions.get("trace"), self._count_connection)
-        request.extensions = {**request.extensions, "trace": probe}
+        extensions = dict(request.extensions)
+        probe = _ConnectProbe(extensions.get("trace"), self._count_connection, extensions)
+        extensions["trace"] = extensions[_PROBE_EXTENSION] = probe
+        request.extensions = extensions
 
     async def _on_response(self, response: httpx.Response) -> None:
-        probe = response.request.extensions.get("trace")
+        probe = response.request.extensions.get(_PROBE_EXTENSION)
         if isinstance(probe, _ConnectProbe) and probe.seen:
             response.extensions = {**response.extensions, REUSED_EXTENSION: not probe.connected}
 
