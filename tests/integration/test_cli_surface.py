@@ -3,6 +3,7 @@ errors on stderr, and --telemetry exporting a probe's call trace."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tests.otlp_receiver import otlp_receiver
 from voxcore import __version__
+from voxcore.entrypoints.cli import build_parser
 
 VOXCORE = [sys.executable, "-m", "voxcore.entrypoints.cli"]
 
@@ -28,17 +30,21 @@ def test_version() -> None:
     assert done.returncode == 0 and done.stdout.strip() == f"voxcore {__version__}"
 
 
+def subcommand_help(name: str) -> str:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return str(commands.choices[name].format_help())
+
+
 def test_help_lists_every_command_and_shows_defaults() -> None:
-    done = voxcore("--help")
-    assert done.returncode == 0
+    text = build_parser().format_help()
     for command in ("load-audio", "probe-cache", "demo", "probe-llm", "probe-agent", "sandbox"):
-        assert command in done.stdout
-    assert "more commands join later" not in done.stdout
-    probe = voxcore("probe-cache", "--help").stdout
+        assert command in text
+    assert "more commands join later" not in text
+    probe = subcommand_help("probe-cache")
     assert "--key KEY" in probe and "(default: static:test_example)" in probe
     assert "(default: 20)" in probe and "--telemetry" in probe
-    agent = voxcore("probe-agent", "--help").stdout
-    assert "(default: demo-123)" in agent
+    assert "(default: demo-123)" in subcommand_help("probe-agent")
 
 
 def test_errors_go_to_stderr_with_a_non_zero_exit(tmp_path: Path) -> None:

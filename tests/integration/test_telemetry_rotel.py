@@ -46,7 +46,7 @@ HOST = textwrap.dedent(
             await container.init_resources()
             with trace.get_tracer("host").start_as_current_span("host.request"):
                 manager = await container.open_conversation("rotel-call")
-            for i in range(7):
+            for i in range(int(sys.argv[3])):
                 async for _ in manager.process_user_turn(f"Вопрос {i} о страховке дома"):
                     pass
                 await asyncio.sleep(0.2)
@@ -63,12 +63,14 @@ HOST = textwrap.dedent(
 )
 
 
-def run_host(redis_target: RedisTarget, key_prefix: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_host(
+    redis_target: RedisTarget, key_prefix: str, turns: int = 7, **env: str
+) -> subprocess.CompletedProcess[str]:
     clean = {
         k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VOXCORE_", "REDIS_", "OPENAI_"))
     }
     return subprocess.run(
-        [sys.executable, "-c", HOST, redis_target.url, key_prefix],
+        [sys.executable, "-c", HOST, redis_target.url, key_prefix, str(turns)],
         capture_output=True,
         text=True,
         env={**clean, **env},
@@ -152,6 +154,7 @@ def test_metrics_off_for_a_traces_only_collector(
         done = run_host(
             redis_target,
             key_prefix,
+            turns=1,
             OTEL_EXPORTER_OTLP_ENDPOINT=collector.http_endpoint,
             OTEL_METRICS_EXPORTER="none",
         )
