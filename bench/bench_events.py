@@ -138,7 +138,17 @@ async def raw_pubsub_latency(url: str, events: int, gap_s: float) -> list[float]
     return latencies
 
 
-async def sse_latency(url: str, clients: int, events: int, gap_s: float) -> tuple[list[float], int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def sse_latency(url: str, clients: int, events: int, gap_s: float) -> tuple[list[float], int, float]:
+    """Latencies (ms), publisher drops, and the server's CPU microseconds per delivered event."""
     port = free_port()
     env = {**os.environ, "VOXCORE_EVENTS__SECRET": SECRET, "VOXCORE_CACHE__KEY_PREFIX": "bench:"}
     env.pop("REDIS_URL", None)
@@ -174,13 +184,15 @@ async def sse_latency(url: str, clients: int, events: int, gap_s: float) -> tupl
         if line.strip() != "READY":
             raise RuntimeError(f"SSE clients did not connect: {line!r}")
         await asyncio.sleep(1.0)  # every client's replay is over; what follows is live
+        cpu_before = cpu_seconds(server.pid)
         for i in range(events):
             publisher.publish(SESSION, "answer_text", {"turn": i, "text": "ок", "sent_ns": time.time_ns()})
             await asyncio.sleep(gap_s)
         await publisher.flush(10)
         out = await asyncio.wait_for(asyncio.to_thread(client_proc.stdout.read), 120)
         latencies: list[float] = json.loads(out.strip().splitlines()[-1])
-        return latencies, publisher.stats.dropped
+        cpu_us = (cpu_seconds(server.pid) - cpu_before) * 1e6 / max(len(latencies), 1)
+        return latencies, publisher.stats.dropped, cpu_us
     finally:
         await publisher.aclose()
         await raw.aclose()
@@ -277,7 +289,7 @@ async def first_text_by_config(url: str, turns: int) -> dict[str, float]:
 async def run(url: str, clients: int, events: int, gap_ms: float) -> tuple[list[Row], dict[str, Any]]:
     gap = gap_ms / 1000
     raw_lat = await raw_pubsub_latency(url, events, gap)
-    sse_lat, dropped = await sse_latency(url, clients, events, gap)
+    sse_lat, dropped, cpu_us = await sse_latency(url, clients, events, gap)
     base_us, pub_us, delta_us = await publish_cost(url, 20_000, 9)
     first_text = await first_text_by_config(url, 60)
     off_ms = first_text["off"]
@@ -295,7 +307,13 @@ async def run(url: str, clients: int, events: int, gap_ms: float) -> tuple[list[
             "-", None),  # fmt: skip
     ]
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    extra = {"load": load, "deliveries": len(sse_lat), "expected": clients * events, "dropped": dropped}
+    extra = {
+        "cpu_us": cpu_us,
+        "load": load,
+        "deliveries": len(sse_lat),
+        "expected": clients * events,
+        "dropped": dropped,
+    }
     return rows, extra
 
 
@@ -313,7 +331,8 @@ def render(rows: list[Row], extra: dict[str, Any], clients: int, events: int, ga
         *run_context(),
         f"- load average when it ran: {extra['load']} (the machine is shared; p99s follow the load)",
         f"- redis-py {redis.__version__}; deliveries {extra['deliveries']} of {extra['expected']}, "
-        f"publisher drops {extra['dropped']}",
+        f"publisher drops {extra['dropped']}; server CPU per delivered event: {extra['cpu_us']:.0f} us "
+        f"(x {clients} clients = {extra['cpu_us'] * clients / 1000:.1f} ms of CPU per event)",
         "",
         "| measurement | raw | voxcore | unit | target | ok |",
         "|---|---:|---:|---|---|---|",

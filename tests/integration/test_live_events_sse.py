@@ -173,6 +173,11 @@ async def test_100_concurrent_clients_get_every_event_in_order(
                 for n in range(100)
             ]
             await asyncio.sleep(0.5)
+            # One pub/sub connection for the whole server process, not one per client.
+            pubsub_clients = [
+                c for c in await raw_redis.client_list(_type="pubsub") if c["name"] == "voxcore-events"
+            ]
+            assert len(pubsub_clients) == 1
             for i in range(60):
                 for session in sessions:
                     publisher.publish(session, "answer_text", {"turn": i, "text": "ок"})
@@ -335,3 +340,20 @@ async def test_tokens_isolate_sessions(
             index_url = f"{server.base_url}/index/events?token={operator_token(SECRET)}"
             index = await read_events(client, index_url, want=1)
             assert index[0].event == "call_started" and index[0].json()["data"]["session_id"] == "call-A"
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(redis_target, key_prefix: str) -> None:
+    with ServeProcess(redis_target.url, key_prefix, env={"VOXCORE_EVENTS__HEARTBEAT_S": "0.3"}) as server:
+        comments: list[str] = []
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream(
+                "GET", url(server, "call-idle", session_token(SECRET, "call-idle"))
+            ) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                async for line in resp.aiter_lines():
+                    if line.startswith(":"):
+                        comments.append(line)
+                        if len(comments) >= 3:
+                            break
+        assert comments[0] == ": voxcore live events" and all("ping" in c for c in comments[1:])
