@@ -26,7 +26,7 @@ import redis.asyncio as redis
 from voxcore.adapters.redis.cache import RedisCacheManager
 from voxcore.entrypoints.embedded_redis import EmbeddedRedis, redis_server_available
 from voxcore.testing import RedisTarget as PluginRedisTarget
-from voxcore.testing.topologies import LocalRedisCluster, LocalRedisSentinel, RedisDeployment
+from voxcore.testing.topologies import RedisDeployment
 
 #: What ``redis_target`` is: the session's Redis in the test's mode (tests import it from here).
 RedisTarget = RedisDeployment
@@ -83,21 +83,15 @@ def standalone_redis_target(voxcore_redis: PluginRedisTarget) -> RedisDeployment
 
 
 @pytest.fixture(scope="session")
-def cluster_redis_target() -> Iterator[RedisDeployment]:
-    """A 3-primary/3-replica Redis Cluster of real redis-server processes (started on first use)."""
-    if not redis_server_available():
-        pytest.fail("cluster tests need redis-server (.ci/run installs it)")
-    with LocalRedisCluster() as cluster:
-        yield RedisDeployment.of_cluster(cluster)
+def cluster_redis_target(voxcore_redis_cluster: RedisDeployment) -> RedisDeployment:
+    """The plugin's 3-primary/3-replica Redis Cluster (started on first use)."""
+    return voxcore_redis_cluster
 
 
 @pytest.fixture(scope="session")
-def sentinel_redis_target() -> Iterator[RedisDeployment]:
-    """A primary + replica watched by 3 Sentinels, real redis-server processes (started on first use)."""
-    if not redis_server_available():
-        pytest.fail("sentinel tests need redis-server (.ci/run installs it)")
-    with LocalRedisSentinel() as topology:
-        yield RedisDeployment.of_sentinel(topology)
+def sentinel_redis_target(voxcore_redis_sentinel: RedisDeployment) -> RedisDeployment:
+    """The plugin's primary + replica watched by 3 Sentinels (started on first use)."""
+    return voxcore_redis_sentinel
 
 
 @pytest.fixture

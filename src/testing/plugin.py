@@ -6,6 +6,11 @@ switches the plugin off):
 * ``voxcore_redis`` (session): a :class:`~voxcore.testing.redis.RedisTarget`, from a container when
   a container engine answers, else a local ``redis-server`` on a free port, else ``REDIS_URL``
   (``VOXCORE_TEST_REDIS`` forces one; see :mod:`voxcore.testing.redis`).
+* ``voxcore_redis_cluster`` / ``voxcore_redis_sentinel`` (session): a
+  :class:`~voxcore.testing.topologies.RedisDeployment` of a local 3-primary/3-replica Redis Cluster,
+  or of a primary + replica watched by 3 Sentinels - real ``redis-server`` processes on free
+  127.0.0.1 ports, started on first use (``deployment.config()`` is the ``RedisConfig``,
+  ``deployment.env()`` the settings' environment, ``deployment.topology`` lets a test kill nodes).
 * ``voxcore_simulator``: a running :class:`~voxcore.simulator.OpenAISimulator` on 127.0.0.1
   (keyword arguments from ``@pytest.mark.voxcore_simulator(...)``).
 * ``voxcore_container``: a :class:`~voxcore.Container` wired to both, resources initialised,
@@ -29,6 +34,7 @@ from voxcore.testing.redis import RedisTarget, RedisUnavailableError, provide_re
 if TYPE_CHECKING:
     from voxcore.entrypoints.container import Container
     from voxcore.simulator import OpenAISimulator
+    from voxcore.testing.topologies import RedisDeployment
 
 #: The API key the simulator fixture expects and the container fixture sends.
 SIMULATOR_API_KEY = "sk-voxcore-test"
@@ -70,6 +76,30 @@ def voxcore_redis() -> Iterator[RedisTarget]:
             yield target
     except RedisUnavailableError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def voxcore_redis_cluster() -> Iterator[RedisDeployment]:
+    """A local Redis Cluster (3 primaries + 3 replicas) of real ``redis-server`` processes."""
+    from voxcore.testing.topologies import LocalRedisCluster, RedisDeployment, TopologyError
+
+    try:
+        with LocalRedisCluster() as cluster:
+            yield RedisDeployment.of_cluster(cluster)
+    except TopologyError as exc:
+        pytest.fail(f"no local Redis Cluster: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def voxcore_redis_sentinel() -> Iterator[RedisDeployment]:
+    """A local primary + replica watched by 3 Sentinels (quorum 2), real ``redis-server`` processes."""
+    from voxcore.testing.topologies import LocalRedisSentinel, RedisDeployment, TopologyError
+
+    try:
+        with LocalRedisSentinel() as topology:
+            yield RedisDeployment.of_sentinel(topology)
+    except TopologyError as exc:
+        pytest.fail(f"no local Sentinel set: {exc}", pytrace=False)
 
 
 @_async_fixture  # type: ignore[untyped-decorator]
