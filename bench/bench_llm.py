@@ -49,6 +49,7 @@ import httpx
 import openai
 from benchdoc import merge_section, run_context
 from dependency_injector import providers
+from pydantic import Field
 
 from voxcore.adapters.openai.client import OpenAILLMClient
 from voxcore.adapters.openai.config import OpenAIConfig
@@ -559,6 +560,13 @@ class LlamaServerProcess:
                 self._process.wait()
 
 
+class ShortAnswer(LLMStructuredResponse):
+    """Bounded strings: llama.cpp's grammar keeps the tiny model's answers short and complete."""
+
+    answer: str = Field(max_length=60, description="The reply to speak to the user.")
+    internal_thought: str | None = Field(default=None, max_length=20, description="Never spoken.")
+
+
 def metadata_complete(text: str) -> bool:
     """Whether streamed JSON text holds a complete ``aggression_score`` value (the metadata is known)."""
     _, found, tail = text.partition('"aggression_score"')
@@ -576,8 +584,8 @@ async def llama_ttft_rows(requests: int) -> list[Row]:
         make_message("user", "Привет! Как дела?"),
     ]
     config = OpenAIConfig(
-        base_url=server.base_url, http2=False, max_output_tokens=48, max_concurrent_requests=1,
-        read_timeout_s=60.0, first_token_timeout_s=60.0, temperature=0.0,
+        base_url=server.base_url, http2=False, max_output_tokens=200, max_concurrent_requests=1,
+        read_timeout_s=120.0, first_token_timeout_s=120.0, turn_timeout_s=600.0, temperature=0.0,
     )  # fmt: skip
     connection = OpenAIConnectionManager(config)
     raw = httpx.AsyncClient(base_url=server.base_url, timeout=60.0)
@@ -586,7 +594,7 @@ async def llama_ttft_rows(requests: int) -> list[Row]:
         await connection.start()
         http = await connection.get_client()
         llm = OpenAILLMClient(config)
-        async for _ in llm.stream_structured_generate(http, messages, LLAMA_MODEL, LLMStructuredResponse):
+        async for _ in llm.stream_structured_generate(http, messages, LLAMA_MODEL, ShortAnswer):
             pass  # `auto` settles on the mode llama.cpp accepts
         sent = dict(_last_chat_body(llm, messages))
 
@@ -599,20 +607,20 @@ async def llama_ttft_rows(requests: int) -> list[Row]:
                     if line.startswith("data: ") and line != "data: [DONE]":
                         obj = json.loads(line[6:])
                         choices = obj.get("choices")
-                        if first is None and choices:
+                        if choices:
                             text += choices[0]["delta"].get("content") or ""
                             if metadata_complete(text):
                                 first = clock()
+                                break  # both sides stop here: the rest is the model's speed, not ours
             assert first is not None, text
             return (first - started) * 1000
 
         async def ours() -> float:
-            stream = llm.stream_structured_generate(http, messages, LLAMA_MODEL, LLMStructuredResponse)
+            stream = llm.stream_structured_generate(http, messages, LLAMA_MODEL, ShortAnswer)
             started = clock()
             await anext(stream)
             first = clock()
-            async for _chunk in stream:
-                pass
+            await stream.aclose()
             return (first - started) * 1000
 
         sides: list[tuple[Callable[[], Awaitable[float]], list[float]]] = [(bare, []), (ours, [])]
@@ -653,7 +661,7 @@ def _last_chat_body(llm: OpenAILLMClient, messages: list[ConversationMessage]) -
         "stream_options": {"include_usage": True},
     }
     variant = first_variant(config.base_url, config.structured_output)
-    apply_variant(body, messages, variant, LLMStructuredResponse)
+    apply_variant(body, messages, variant, ShortAnswer)
     return body
 
 
@@ -932,11 +940,15 @@ async def first_turn_rows(conversations: int, turns: int) -> list[Row]:
 # -- main ---------------------------------------------------------------------------------------------------
 
 
-async def run(rounds: int, quick: bool) -> list[Row]:
+async def run(rounds: int, quick: bool, *, llama: bool = True, ttft_only: bool = False) -> list[Row]:
     rows: list[Row] = []
-    rows += await cpu_rows(rounds, streams=1 if quick else 2)
+    if not ttft_only:
+        rows += await cpu_rows(rounds, streams=1 if quick else 2)
     rows += await ttft_rows(rounds, requests=8 if quick else 12)
-    rows += await llama_ttft_rows(requests=10 if quick else 24)
+    if llama:
+        rows += await llama_ttft_rows(requests=10 if quick else 24)
+    if ttft_only:
+        return rows
     tokenizer = make_tokenizer(MODEL)
     rows += parse_rows(tokenizer, rounds)
     rows += accounting_rows(tokenizer, rounds * 4, batch=400)
@@ -950,12 +962,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and conversations (~1/3 time)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per comparison (default 11, quick 5)")
     parser.add_argument("--write", type=Path, help="also put the section into this markdown file")
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp row")
+    parser.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token rows")
     parser.add_argument("--serve-simulator", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_simulator is not None:
         return serve_simulator(json.loads(args.serve_simulator))
     rounds = args.rounds or (5 if args.quick else 11)
-    rows = asyncio.run(run(rounds, args.quick))
+    rows = asyncio.run(run(rounds, args.quick, llama=not args.no_llama, ttft_only=args.ttft_only))
     section = render(rows, rounds, args.quick)
     sys.stdout.write(section)
     if args.write:

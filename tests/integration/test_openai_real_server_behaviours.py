@@ -135,6 +135,18 @@ async def test_turn_deadline_passing_while_the_consumer_works_ends_the_turn_at_t
     assert slow_steps >= 1
 
 
+async def test_turn_deadline_holds_when_it_is_further_away_than_the_read_timeout(
+    sim: OpenAISimulator, http: httpx.AsyncClient
+) -> None:
+    # Read timeout 0.3 s, turn 1.2 s: early chunks run with no timer armed, the last stretch with one.
+    llm = OpenAILLMClient(make_config(sim, read_timeout_s=0.3, turn_timeout_s=1.2))
+    sim.plan_next(RequestPlan(inter_chunk_delay_ms=60, chars_per_chunk=4))
+    started = time.perf_counter()
+    with pytest.raises(LLMTimeoutError, match="turn_timeout_s"):
+        await stream(llm, http, "очень длинный вопрос " * 8)
+    assert 1.1 < time.perf_counter() - started < 3.0
+
+
 async def test_503_exposes_retry_after(sim: OpenAISimulator, http: httpx.AsyncClient) -> None:
     llm = OpenAILLMClient(make_config(sim))
     sim.plan_next(RequestPlan(fault=Fault.SERVICE_UNAVAILABLE, retry_after=4))

@@ -521,12 +521,15 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
         self._last_ttft_ms = None
         sent = clock()
         now = loop.time()
-        # Two deadlines share one timer: the first content token, and the whole turn. The timer is armed
-        # while the generator waits for the network and disarmed while chunks are yielded, so it can never
-        # cancel the consumer's code between two chunks; a turn deadline that passed meanwhile fires at the
-        # next wait.
+        # Two deadlines share one timer: the first content token, and the whole turn. The timer is never
+        # armed while chunks are yielded, so it cannot cancel the consumer's code between two chunks (a
+        # turn deadline that passed meanwhile fires at the next wait). While the answer streams it stays
+        # off as long as the read timeout alone ends a silence before the turn deadline: no timer work
+        # per chunk on the hot path.
         turn_at = now + config.turn_timeout_s
         first_token_at = now + config.first_token_timeout_s
+        read_s = config.read_timeout_s
+        armed = True
         try:
             try:
                 async with asyncio.timeout_at(min(first_token_at, turn_at)) as first_token_deadline:
@@ -582,7 +585,9 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                             f"mid-stream: {message}"
                                         ) from None
                                 if content:
-                                    first_token_deadline.reschedule(None)
+                                    if armed:
+                                        first_token_deadline.reschedule(None)
+                                        armed = False
                                     if first_at is None:
                                         first_at = clock()
                                         ttft_s = first_at - sent
@@ -628,7 +633,11 @@ class OpenAILLMClient(AbstractLLMClient[httpx.AsyncClient]):
                                             # of the stream gets a short deadline of its own.
                                             tail_armed = True
                                             turn_at = min(turn_at, loop.time() + _TAIL_S)
-                                    first_token_deadline.reschedule(turn_at)
+                                        first_token_deadline.reschedule(turn_at)
+                                        armed = True
+                                    elif loop.time() + read_s >= turn_at:
+                                        first_token_deadline.reschedule(turn_at)
+                                        armed = True
                                     # finish_reason/usage rarely ride on a content chunk: only the last
                                     # one is checked, after the loop (keeps two lookups off the hot path).
                                     last_content = obj
