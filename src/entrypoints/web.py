@@ -16,6 +16,7 @@ Needs the ``web`` extra (starlette, sse-starlette, uvicorn).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from voxcore.application.live_events import Reset, follow_events
 from voxcore.core.domain.keys import session_hash
@@ -45,17 +46,65 @@ _MAX_SESSION_ID = 256
 
 
 class _EventStream(EventSourceResponse):
-    """An SSE response that logs why it ended when the client stopped accepting bytes."""
+    """An SSE response that logs why it ended when the client stopped accepting bytes.
+
+    The send timeout is enforced by one watchdog per response instead of a timer (a cancel scope)
+    around every send, which cost more than the rest of delivering an event to a client: a send
+    blocked for ``send_timeout`` is cancelled within ``send_timeout * 1.25`` and ends the response
+    with :class:`SendTimeoutError`, as sse-starlette's own check does.
+    """
 
     def __init__(self, *args: Any, label: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._label = label
+        self._inflight: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             emit(log, "sse_client_cut", logging.WARNING, stream=self._label, reason="send_timeout")
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        timeout = self.send_timeout
+        if timeout is None:
+            await send(message)
+            return
+        task = asyncio.current_task()
+        if task is None:  # not in a task: fall back to the library's per-send timer
+            await super()._send_with_timeout(send, message)
+            return
+        loop = asyncio.get_running_loop()
+        if self._watchdog is None:
+            self._watchdog = loop.create_task(self._watch(float(timeout)), name="sse-send-watchdog")
+        self._inflight[task] = loop.time()
+        try:
+            await send(message)
+        except asyncio.CancelledError:
+            if task in self._expired:
+                self._expired.discard(task)
+                task.uncancel()
+                raise SendTimeoutError() from None
+            raise
+        finally:
+            self._inflight.pop(task, None)
+
+    async def _watch(self, limit_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        period = max(limit_s / 4, 0.005)
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for task, since in list(self._inflight.items()):
+                if now - since >= limit_s and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
 
 
 def _token(request: Request) -> str | None:
@@ -102,7 +151,7 @@ def create_app(
                         yield ServerSentEvent(data=data, event="reset", id="")
                         continue
                     sent += 1
-                    yield f"id: {item.id}\nevent: {item.type}\ndata: {item.raw}\n\n".encode()
+                    yield item.sse  # encoded once per event, shared by every client
             except StreamUnavailable as exc:
                 emit(log, "sse_stream_unavailable", logging.WARNING, stream=label, error=str(exc), sent=sent)
                 yield ServerSentEvent(

@@ -15,7 +15,7 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from voxcore.core.domain.errors import DomainError
@@ -86,11 +86,27 @@ class LiveEvent:
     ts: int
     data: Mapping[str, Any]
     raw: str
+    # Computed once per event, not once per subscriber: the hub hands the same object to every client.
+    _key: tuple[int, int] = field(init=False, repr=False, compare=False)
+    _sse: bytes | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_key", parse_event_id(self.id))
 
     @property
     def key(self) -> tuple[int, int]:
         """The id as a sortable pair."""
-        return parse_event_id(self.id)
+        return self._key
+
+    @property
+    def sse(self) -> bytes:
+        """The event as one ready-to-send SSE message (``id``, ``event``, ``data`` lines), encoded once."""
+        encoded = self._sse
+        if encoded is None:
+            data = "".join(f"data: {line}\n" for line in self.raw.splitlines() or [""])
+            encoded = f"id: {self.id}\nevent: {self.type}\n{data}\n".encode()
+            object.__setattr__(self, "_sse", encoded)
+        return encoded
 
 
 def encode_data(data: Mapping[str, Any]) -> str:
