@@ -13,6 +13,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from voxcore.application._hybrid_state import Feed, Slot, Turn
 from voxcore.core.domain.hybrid import HybridTurnMetrics, TurnOutcome
+from voxcore.core.ports.playback import PlayedItem
 from voxcore.events import emit
 
 logger = logging.getLogger("voxcore.hybrid")
@@ -82,6 +83,12 @@ def item_done(turn: Turn, slot: Slot, feed: Feed, *, chunks: int, converted: boo
     slot.span.set_attributes({_ITEM + name: value for name, value in fields.items() if value is not None})
     slot.span.end()
     slot.reported = True
+    if turn.observer is not None:
+        played = PlayedItem(slot.index, feed.kind, feed.key or None, feed.source, chunks, first_byte_ms)
+        try:
+            turn.observer(played)
+        except Exception as exc:  # an observer's failure never touches the reply
+            emit(logger, "hybrid_item_observer_failed", logging.WARNING, key=feed.key, error=repr(exc))
 
 
 def end_turn(turn: Turn, outcome: TurnOutcome, *, total_ms: float) -> HybridTurnMetrics:

@@ -20,6 +20,7 @@ from voxcore.core.domain.hybrid import ItemSource
 from voxcore.core.domain.playlist import PlaylistItem, StaticItem, TTSItem
 from voxcore.core.ports.cache import AudioChunkStream
 from voxcore.core.ports.errors import TTSError
+from voxcore.core.ports.playback import PlayedItemObserver
 from voxcore.events import emit
 
 logger = logging.getLogger("voxcore.hybrid")
@@ -185,6 +186,7 @@ class Turn:
     skipped: int = 0
     failed: int = 0
     chunks: int = 0
+    observer: PlayedItemObserver | None = None  # told of each item once it played
 
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()

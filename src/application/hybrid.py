@@ -55,6 +55,7 @@ from voxcore.core.domain.playlist import (
 from voxcore.core.domain.sentences import SentenceSplitter
 from voxcore.core.ports.audio import AudioConverter, StreamConverter
 from voxcore.core.ports.cache import AbstractAudioCache
+from voxcore.core.ports.playback import PlayedItemObserver
 from voxcore.core.ports.tts import TTSEngine
 from voxcore.events import emit
 
@@ -287,7 +288,12 @@ class HybridResponder:
     # -- replies ---------------------------------------------------------------------------------------
 
     def play(
-        self, playlist: Playlist, *, turn_started_at: float | None = None, parent: trace.Span | None = None
+        self,
+        playlist: Playlist,
+        *,
+        turn_started_at: float | None = None,
+        parent: trace.Span | None = None,
+        observer: PlayedItemObserver | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Play ``playlist``: chunks of ``target_format`` in playlist order.
 
@@ -299,6 +305,8 @@ class HybridResponder:
         Close the generator (``aclose``, or ``contextlib.aclosing``) to stop early (barge-in): the
         lookups still in flight are cancelled and syntheses nobody else listens to are abandoned.
         ``parent`` (e.g. ``manager.call_span``) puts the reply's span in that call's trace.
+        ``observer`` is called with a :class:`PlayedItem` once each item has played (after its
+        last chunk, never before the first chunk leaves; e.g. ``manager.events.played_item``).
 
         Yields:
             ``chunk_ms`` chunks (the last one of the reply may be shorter).
@@ -309,7 +317,7 @@ class HybridResponder:
         """
         if not isinstance(playlist, Playlist):
             raise TypeError(f"play needs a Playlist, got {type(playlist).__name__}")
-        return self._run(list(playlist.items), None, turn_started_at, parent)
+        return self._run(list(playlist.items), None, turn_started_at, parent, observer)
 
     def speak_text_stream(
         self,
@@ -317,8 +325,9 @@ class HybridResponder:
         *,
         turn_started_at: float | None = None,
         parent: trace.Span | None = None,
+        observer: PlayedItemObserver | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Speak free answer text while it is still streaming in (``parent`` as in :meth:`play`).
+        """Speak free answer text while it streams in (``parent``, ``observer``: see :meth:`play`).
 
         The text is cut into sentences as it arrives (:class:`SentenceSplitter`); each sentence is
         a TTS item (cache first, synthesized on a miss, cached afterwards), so the first sentence is
@@ -330,7 +339,7 @@ class HybridResponder:
         Yields:
             ``chunk_ms`` chunks of ``target_format``.
         """
-        return self._run([], deltas, turn_started_at, parent)
+        return self._run([], deltas, turn_started_at, parent, observer)
 
     async def _run(
         self,
@@ -338,6 +347,7 @@ class HybridResponder:
         deltas: AsyncIterable[str] | None,
         turn_started_at: float | None,
         parent: trace.Span | None = None,
+        observer: PlayedItemObserver | None = None,
     ) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise RuntimeError("the hybrid responder is shut down")
@@ -349,6 +359,7 @@ class HybridResponder:
             span=span,
             parent=trace.set_span_in_context(span),
             turn_started=started if turn_started_at is None else min(turn_started_at, started),
+            observer=observer,
         )
         turn.items.extend(items)
         if deltas is not None:

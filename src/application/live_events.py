@@ -13,6 +13,7 @@ from voxcore.core.domain import live_events as ev
 from voxcore.core.domain.keys import session_hash
 from voxcore.core.domain.live_events import LiveEvent, parse_event_id
 from voxcore.core.ports.live_events import LiveEventPublisher, LiveEventSource, StreamGap
+from voxcore.core.ports.playback import PlayedItem
 from voxcore.events import emit
 
 logger = logging.getLogger("voxcore.live_events")
@@ -125,6 +126,24 @@ class CallEvents:
     def hybrid_item(self, *, kind: str, **data: Any) -> None:
         """A hybrid reply played an item: ``kind`` is ``hit`` (cached audio), ``miss`` or ``tts``."""
         self.publish(ev.HYBRID_ITEM, kind=kind, turn=self._turn, **data)
+
+    def played_item(self, item: PlayedItem) -> None:
+        """A hybrid reply played one item (a :data:`PlayedItemObserver` for ``HybridResponder.play``).
+
+        Published as ``hybrid_item`` with ``kind`` = where its audio came from (``hit``, ``miss``,
+        ``tts``, ``skipped``, ``silence``), ``item_kind`` (``static``, ``tts``, ``pause``), ``key``,
+        ``index``, ``chunks`` and ``first_byte_ms``.
+        """
+        self.publish(
+            ev.HYBRID_ITEM,
+            kind=item.source,
+            item_kind=item.kind,
+            key=item.key,
+            index=item.index,
+            chunks=item.chunks,
+            first_byte_ms=None if item.first_byte_ms is None else round(item.first_byte_ms, 2),
+            turn=self._turn,
+        )
 
     def audio_started(self, time_to_first_audio_ms: float, **data: Any) -> None:
         """The current turn's first audio left: a ``turn`` event with ``time_to_first_audio_ms``."""

@@ -127,6 +127,8 @@ class SpokenConversation:
             match = await self._faq.match(final_user_text)
             match_ms = (self._clock() - started) * 1000
         hit = match is not None and match.hit
+        events = self._conversation.events
+        observer = events.played_item if events is not None else None  # one hybrid_item event per item
         if match is not None and hit:
             emit(
                 logger,
@@ -138,7 +140,9 @@ class SpokenConversation:
                 match_ms=match_ms,
             )
             self._conversation.record_answered_turn(final_user_text, match.entry.text, source="faq")
-            stream = self._responder.play(match.entry.reply, parent=self._conversation.call_span)
+            stream = self._responder.play(
+                match.entry.reply, parent=self._conversation.call_span, observer=observer
+            )
         else:
             if match is not None:
                 emit(
@@ -150,7 +154,7 @@ class SpokenConversation:
                     score=round(match.score, 4),
                 )
             stream = self._responder.speak_text_stream(
-                self._llm_text(final_user_text), parent=self._conversation.call_span
+                self._llm_text(final_user_text), parent=self._conversation.call_span, observer=observer
             )
         first_audio_ms: float | None = None
         chunks = 0

@@ -3,14 +3,17 @@ questions from recordings (no LLM request) and the rest through the LLM, over Re
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
 from tests.conftest import RedisTarget
 from voxcore.application.spoken import SpokenConversation
+from voxcore.core.domain.keys import events_stream_key
 from voxcore.core.ports.errors import ConfigurationError
 from voxcore.entrypoints.container import Container
 from voxcore.events import FIELDS_ATTR
@@ -193,4 +196,37 @@ async def test_cancelling_an_open_leaves_no_connection_behind(
             assert sim.open_connections == 0
             assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("voxcore-llm")]
         finally:
+            await container.shutdown_resources()
+
+
+async def test_each_played_item_is_published_as_a_hybrid_item_event(
+    redis_target: RedisTarget, key_prefix: str, tmp_path: Path
+) -> None:
+    async with OpenAISimulator() as sim:
+        faq = "faq: {enabled: true, manifest_path: faq.yml, threshold: 0.9}\n"
+        container = Container(config_path=str(write_config(tmp_path, redis_target.url, key_prefix, sim, faq)))
+        await container.init_resources()
+        raw = redis.Redis.from_url(redis_target.url)
+        try:
+            call = await container.open_spoken_conversation("call-faq-items")
+            assert await speak(call, "Сколько стоит доставка?")  # tts, pause, tts: two syntheses
+            await call.responder.drain()
+            assert await speak(call, "Сколько стоит доставка?")  # now both from the cache
+            await call.shutdown()
+            publisher = await container.event_publisher()
+            assert publisher is not None and await publisher.flush(5)
+            entries = await raw.xrange(key_prefix + events_stream_key("call-faq-items"))
+            items = [json.loads(f[b"d"]) for _, f in entries if f[b"t"] == b"hybrid_item"]
+            assert [(i["index"], i["item_kind"], i["kind"]) for i in items] == [
+                (0, "tts", "miss"),
+                (1, "pause", "silence"),
+                (2, "tts", "miss"),
+                (0, "tts", "hit"),
+                (1, "pause", "silence"),
+                (2, "tts", "hit"),
+            ]
+            assert items[0]["key"].startswith("tts:") and items[0]["key"] == items[3]["key"]
+            assert all(i["chunks"] > 0 for i in items)
+        finally:
+            await raw.aclose()
             await container.shutdown_resources()

@@ -122,6 +122,8 @@
       case "summary_cache": return `summary cache ${d.hit ? "hit" : "miss"}`;
       case "hybrid_item":
         return `hybrid ${d.kind}` + (d.count ? ` ×${d.count}` : "") + (d.item ? `: ${d.item}` : "") +
+               (d.index !== undefined ? ` · item ${d.index} ${d.item_kind || ""}` : "") + (d.key ? ` ${d.key}` : "") +
+               (d.first_byte_ms != null ? ` · first byte ${ms(d.first_byte_ms)}` : "") +
                (d.tts_ttfb_ms ? ` · TTS first byte ${ms(d.tts_ttfb_ms)}` : "");
       case "error": return `${d.error_type}: ${d.message}`;
       default: return JSON.stringify(d);
