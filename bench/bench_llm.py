@@ -158,7 +158,7 @@ def render(rows: Sequence[Row], rounds: int, quick: bool) -> str:
         "  fields on both sides. The rest of each stream is read untimed. The informational row",
         "  raises voxcore's log level to WARNING (its two INFO lines on this path are not written).",
         "- *TTFT on llama.cpp* (when `.venv-llama` exists: `make test-real` builds it): llama.cpp's",
-        "  OpenAI-compatible server with Gemma 3 270M on 2 threads, temperature 0, one request at a",
+        "  OpenAI-compatible server with Gemma 3 270M on 1 thread, temperature 0, one request at a",
         "  time, alternating; request start -> the moment the safety metadata is known (voxcore: its",
         "  first yielded chunk; baseline: the bare loop's accumulated deltas hold a complete",
         "  `aggression_score`), both posting the body `auto` settled on (JSON mode with the schema).",
@@ -532,8 +532,8 @@ class LlamaServerProcess:
             self.port = sock.getsockname()[1]
         self._process = subprocess.Popen(
             [str(python), "-m", "llama_cpp.server", "--model", model, "--model_alias", LLAMA_MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "2",
-             "--verbose", "False"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
+             "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 180

@@ -229,13 +229,30 @@ def digit_group_words(digits: str) -> str:
 _PHONE_SEPARATORS: Final = re.compile(r"[\s()\-]+")
 
 
+def _phone_groups(digits: str) -> list[str]:
+    # How a run of digits in a phone number is said: never as thousands or millions. A run of 10
+    # or 11 digits is a whole number, (country) 3-3-2-2; a longer group than three digits is said
+    # in pairs, led by a triple when its length is odd: "3535" -> 35 35 (a city code "3452" ->
+    # 34 52), "34342" -> 343 42, "5553535" -> 555 35 35, "123456" -> 12 34 56.
+    if len(digits) <= 3:
+        return [digits]
+    if len(digits) in (10, 11):
+        head = [digits[:-10]] if len(digits) == 11 else []
+        body = digits[-10:]
+        return [*head, body[:3], body[3:6], body[6:8], body[8:]]
+    lead = 3 if len(digits) % 2 else 0
+    return [*([digits[:lead]] if lead else []), *(digits[i : i + 2] for i in range(lead, len(digits), 2))]
+
+
 def phone_words(phone: str) -> str:
     """A Russian phone number as said aloud, group by group.
 
     "8 800 555-35-35" -> "восемь восемьсот пятьсот пятьдесят пять тридцать пять тридцать пять";
     "+7 (495) 012-34-05" -> "плюс семь четыреста девяносто пять ноль двенадцать тридцать четыре
-    ноль пять". The groups are those written; an unformatted run of 10 or 11 digits is grouped as
-    in Russia: (country) 3-3-2-2.
+    ноль пять". The groups are those written, each said as a number with its leading zeros one by
+    one; a phone number is never said in thousands, so a written group of more than three digits
+    is split as in Russia: an unformatted run of 10 or 11 digits as (country) 3-3-2-2, any other
+    in pairs led by a triple when odd ("555-3535" -> 555 35 35, a city code "(3452)" -> 34 52).
 
     Raises:
         VerbalizationError: no digits, or characters other than digits, spaces, ``+ ( ) -``.
@@ -250,12 +267,7 @@ def phone_words(phone: str) -> str:
     groups = [g for g in _PHONE_SEPARATORS.split(text) if g]
     if not groups or not all(g.isascii() and g.isdigit() for g in groups):
         raise VerbalizationError(f"not a phone number: {phone!r}")
-    if len(groups) == 1 and len(groups[0]) in (10, 11):
-        run = groups[0]
-        head = [run[:-10]] if len(run) == 11 else []
-        body = run[-10:]
-        groups = [*head, body[:3], body[3:6], body[6:8], body[8:]]
-    words.extend(digit_group_words(g) for g in groups)
+    words.extend(digit_group_words(part) for g in groups for part in _phone_groups(g))
     return " ".join(words)
 
 
