@@ -39,7 +39,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # A library never decides where its records go: the host's handlers (root logger) get them.
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import logging
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,17 +109,6 @@ def test_count_message_adds_framing(cache_dir: Path) -> None:
     assert tokenizer.count_message(message) == tokenizer.count(RUSSIAN) + 4
     heuristic = HeuristicTokenizer()
     assert heuristic.count_message({"role": "assistant", "content": ""}) == 4
-
-
-def test_count_is_fast(cache_dir: Path) -> None:
-    tokenizer = make_tokenizer("gpt-4o-mini")
-    text = RUSSIAN * 3  # a typical turn, ~190 characters
-    tokenizer.count(text)
-    started = time.perf_counter()
-    for _ in range(1000):
-        tokenizer.count(text)
-    per_call_us = (time.perf_counter() - started) * 1000
-    assert per_call_us < 200  # budget ~40 us per added message; generous for slow CI machines
 
 
 def test_encodings_are_loaded_once(cache_dir: Path) -> None:
