@@ -38,6 +38,19 @@ def port_answers(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM a child (SIGKILL after ``grace_s``), reap it and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process bound to 127.0.0.1 on its own port.
 
@@ -146,17 +159,8 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s) and wait for the port to close."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        if proc is not None:
+            stop_process(proc)
 
     def close(self) -> None:
         """Stop the server and remove its temporary directory."""

@@ -31,7 +31,7 @@ from typing import Any, Self
 import redis
 
 from voxcore.adapters.redis.config import RedisConfig
-from voxcore.entrypoints.embedded_redis import free_port, port_answers
+from voxcore.entrypoints.embedded_redis import free_port, port_answers, stop_process
 
 #: Redis Cluster's slot count.
 SLOTS = 16384
@@ -156,17 +156,8 @@ class RedisNode:
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 5 s) and reap the process."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        if proc is not None:
+            stop_process(proc)
 
     def client(self, **options: Any) -> redis.Redis:
         """A synchronous client of this node (for set-up and inspection)."""

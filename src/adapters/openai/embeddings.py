@@ -28,6 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from voxcore.adapters.openai._errors import provider_message, retry_after_seconds
+from voxcore.adapters.openai._http import owned_async_client
 from voxcore.core.domain.embeddings import Embedding, EmbeddingFormatError
 from voxcore.core.ports.embeddings import Embeddings
 from voxcore.core.ports.errors import ConfigurationError, EmbeddingError
@@ -95,17 +96,11 @@ class OpenAIEmbeddings(Embeddings):
         self._tracer = tracer if tracer is not None else _tracer
         self._owns_client = http_client is None
         self._closed = False
-        if http_client is not None:
-            self._client = http_client
-        else:
-            try:
-                self._client = httpx.AsyncClient(
-                    http2=http2,
-                    timeout=self._timeout,
-                    limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60.0),
-                )
-            except ImportError as exc:  # http2=True without the h2 package
-                raise ConfigurationError(f"embeddings: http2=True needs httpx[http2] ({exc})") from exc
+        self._client = (
+            http_client
+            if http_client is not None
+            else owned_async_client(http2=http2, timeout=self._timeout, max_keepalive=4, label="embeddings")
+        )
 
     async def aclose(self) -> None:
         """Close the owned HTTP client (an injected one stays open); safe to call twice."""

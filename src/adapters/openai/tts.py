@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind
 from voxcore.adapters.audio import PcmConverter
 from voxcore.adapters.audio.traced import traced_speech
 from voxcore.adapters.openai._errors import provider_message
+from voxcore.adapters.openai._http import owned_async_client
 from voxcore.core.domain.audio import AudioFormat
 from voxcore.core.domain.errors import InvalidAudioError
 from voxcore.core.ports.errors import ConfigurationError, TTSError
@@ -90,17 +91,11 @@ class OpenAITTSEngine(TTSEngine):
         self._tracer = tracer if tracer is not None else _tracer
         self._owns_client = http_client is None
         self._closed = False
-        if http_client is not None:
-            self._client = http_client
-        else:
-            try:
-                self._client = httpx.AsyncClient(
-                    http2=http2,
-                    timeout=self._timeout,
-                    limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=60.0),
-                )
-            except ImportError as exc:  # http2=True without the h2 package
-                raise ConfigurationError(f"OpenAI TTS: http2=True needs httpx[http2] ({exc})") from exc
+        self._client = (
+            http_client
+            if http_client is not None
+            else owned_async_client(http2=http2, timeout=self._timeout, max_keepalive=8, label="OpenAI TTS")
+        )
 
     async def check(self) -> None:
         """Verify the base URL and that a key is set for any non-local server.
