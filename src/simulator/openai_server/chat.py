@@ -20,7 +20,7 @@ from voxcore.simulator.openai_server.plans import (
     RequestPlan,
 )
 from voxcore.simulator.openai_server.replies import _text_of, approx_tokens, schema_example
-from voxcore.simulator.openai_server.wire import _Body, _dumps, _HttpServer, _Request, _sse, _Timing
+from voxcore.simulator.openai_server.wire import _dumps, _HttpServer, _Request, _sse, _Timing
 
 log = logging.getLogger("voxcore.simulator.openai_server")
 
@@ -241,20 +241,13 @@ class _ChatRoutes(_HttpServer):
         timing: _Timing,
     ) -> bool:
         fault = plan.fault if plan is not None else None
-        chunked = req.version != "HTTP/1.0"
-        keep_alive = req.keep_alive and chunked and fault is not Fault.TRUNCATED and fault is not Fault.STALL
-        headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
-        if chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        head = self._head(req, 200, headers, keep_alive=keep_alive)
-        out = _Body(writer, chunked)
-        if self.early_headers:
-            writer.write(head)
-            await writer.drain()
-            head = b""
-        if timing.first_token_delay_ms > 0:
-            await asyncio.sleep(timing.first_token_delay_ms / 1000)
-        writer.write(head)
+        out, keep_alive = await self._open_stream(
+            writer,
+            req,
+            [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")],
+            fault=fault,
+            first_byte_delay_ms=timing.first_token_delay_ms,
+        )
         await out.send(self._chunk(ctx, {"role": "assistant", "content": ""}, None))
 
         after = 0

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from voxcore.simulator.openai_server.plans import _DEFAULT_AFTER_CHUNKS, Fault, RequestPlan
-from voxcore.simulator.openai_server.wire import _Body, _HttpServer, _Request
+from voxcore.simulator.openai_server.wire import _HttpServer, _Request
 
 DEFAULT_SPEECH_MODELS: tuple[str, ...] = ("gpt-4o-mini-tts", "tts-1", "tts-1-hd")
 
@@ -184,20 +184,13 @@ class _SpeechRoutes(_HttpServer):
         pieces = [audio[i : i + size] for i in range(0, len(audio), size)]
         timing = self._timing(plan)
 
-        chunked = req.version != "HTTP/1.0"
-        keep_alive = req.keep_alive and chunked and fault is not Fault.TRUNCATED and fault is not Fault.STALL
-        headers = [("Content-Type", "audio/wav" if fmt == "wav" else "audio/pcm")]
-        if chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        head = self._head(req, 200, headers, keep_alive=keep_alive)
-        out = _Body(writer, chunked)
-        if self.early_headers:
-            writer.write(head)
-            await writer.drain()
-            head = b""
-        if timing.first_token_delay_ms > 0:
-            await asyncio.sleep(timing.first_token_delay_ms / 1000)
-        writer.write(head)
+        out, keep_alive = await self._open_stream(
+            writer,
+            req,
+            [("Content-Type", "audio/wav" if fmt == "wav" else "audio/pcm")],
+            fault=fault,
+            first_byte_delay_ms=timing.first_token_delay_ms,
+        )
 
         after = len(pieces)
         if plan is not None and fault in (Fault.STALL, Fault.TRUNCATED):

@@ -109,6 +109,7 @@ class _HttpServer:
     # Set up by OpenAISimulator.__init__.
     idle_timeout_s: float | None
     keep_alive_header: bool
+    early_headers: bool
     first_token_delay_ms: float
     inter_chunk_delay_ms: float
     chars_per_chunk: int | tuple[int, int]
@@ -290,6 +291,35 @@ class _HttpServer:
         else:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _open_stream(
+        self,
+        writer: asyncio.StreamWriter,
+        req: _Request,
+        content_headers: Sequence[tuple[str, str]],
+        *,
+        fault: Fault | None,
+        first_byte_delay_ms: float,
+    ) -> tuple[_Body, bool]:
+        """Start a streamed 200: headers (at once with ``early_headers``), the first-byte delay, a body.
+
+        Returns the body writer and whether the connection stays open afterwards (HTTP/1.1, and no
+        fault that cuts the stream).
+        """
+        chunked = req.version != "HTTP/1.0"
+        keep_alive = req.keep_alive and chunked and fault is not Fault.TRUNCATED and fault is not Fault.STALL
+        headers = list(content_headers)
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        head = self._head(req, 200, headers, keep_alive=keep_alive)
+        if self.early_headers:
+            writer.write(head)
+            await writer.drain()
+            head = b""
+        if first_byte_delay_ms > 0:
+            await asyncio.sleep(first_byte_delay_ms / 1000)
+        writer.write(head)
+        return _Body(writer, chunked), keep_alive
 
     async def _send_bytes(
         self,
