@@ -8,11 +8,13 @@ httpx: nothing here knows about wire protocols.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional  # noqa: UP035 - AbstractCache's signatures are fixed by SPEC-A
+from typing import Any, List, Optional  # noqa: UP035 - AbstractCache's signatures are fixed by SPEC-A
 
 from opentelemetry import trace
 from pydantic import BaseModel
@@ -28,6 +30,7 @@ from voxcore.core.ports.llm import (
     Prompt,
 )
 from voxcore.core.ports.tokenizer import Tokenizer
+from voxcore.events import FIELDS_ATTR
 
 
 class FakeTokenizer(Tokenizer):
@@ -349,3 +352,38 @@ class FakeCache(AbstractCache):
 def texts(chunks: Sequence[LLMStreamChunk]) -> str:
     """The answer text of a list of chunks."""
     return "".join(chunk.text_chunk for chunk in chunks)
+
+
+class EventLog(logging.Handler):
+    """Collects the structured events voxcore's loggers emit."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [dict(getattr(r, FIELDS_ATTR, {})) for r in self.records if r.getMessage() == event]
+
+    def names(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+@contextlib.contextmanager
+def captured_events(logger_name: str) -> Iterator[EventLog]:
+    """An :class:`EventLog` on ``logger_name`` at DEBUG; the logger is restored afterwards."""
+    handler = EventLog()
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)

