@@ -189,6 +189,14 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str, interval: fl
     raise TopologyError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _start_all(nodes: Sequence[RedisNode], timeout: float) -> None:
+    """Start every node, then wait until each answers (they boot in parallel)."""
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_answers(timeout)
+
+
 def _base_args(binary: str, port: int, folder: Path, log: Path) -> list[str]:
     return [
         binary,
@@ -261,10 +269,7 @@ class LocalRedisCluster:
                     "--cluster-require-full-coverage", "yes",
                 ]  # fmt: skip
                 self.nodes.append(RedisNode(port, args, log, bus_port))
-            for node in self.nodes:
-                node.start()
-            for node in self.nodes:
-                node.wait_answers(timeout)
+            _start_all(self.nodes, timeout)
             self._form(timeout)
         except BaseException:
             self.close()
@@ -442,10 +447,7 @@ class LocalRedisSentinel:
                 if index:
                     args += ["--replicaof", _HOST, str(primary_port)]
                 self.data_nodes.append(RedisNode(port, args, log))
-            for node in self.data_nodes:
-                node.start()
-            for node in self.data_nodes:
-                node.wait_answers(timeout)
+            _start_all(self.data_nodes, timeout)
             self._wait_replicas_in_sync(timeout)
             for index in range(self._sentinels):
                 port = free_port()
@@ -469,10 +471,7 @@ class LocalRedisSentinel:
                 )
                 args = [self._binary, str(conf), "--sentinel"]
                 self.sentinel_nodes.append(RedisNode(port, args, node_dir / "sentinel.log"))
-            for node in self.sentinel_nodes:
-                node.start()
-            for node in self.sentinel_nodes:
-                node.wait_answers(timeout)
+            _start_all(self.sentinel_nodes, timeout)
             self._wait_discovered(timeout)
         except BaseException:
             self.close()
